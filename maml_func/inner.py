@@ -30,7 +30,7 @@ from torch.func import grad
 
 from maml_func.core import Params
 
-__all__ = ["InnerRule", "adapt", "adapt_trajectory", "sgd"]
+__all__ = ["InnerRule", "adapt", "adapt_trajectory", "lslr", "meta_sgd", "sgd"]
 
 LossFn = Callable[[Params], Tensor]
 
@@ -140,3 +140,70 @@ def adapt_trajectory(
     multi-step loss of MAML++. Returns a list of ``steps + 1`` dicts.
     """
     return list(_updates(loss_fn, params, rule, rule_params or {}, steps, first_order))
+
+
+def _rates(fn: str, rule_params: Params, params: Params) -> None:
+    missing = params.keys() - rule_params.keys()
+    if missing:
+        raise ValueError(f"{fn}: rule_params has no rate for {sorted(missing)[:4]}; make them with "
+                         f"the rule's init on the same adapted params (algorithm.init() does)")
+
+
+def meta_sgd(init_lr: float) -> InnerRule:
+    """Meta-SGD (Li et al. 2017): a learned step size for every parameter element.
+
+    ``params[k] - rates[k] * grads[k]`` with ``rates[k]`` of ``params[k]``'s
+    shape, meta-trained with the initialization (a rate may turn negative: the
+    paper learns the update direction too). The paper draws the initial rates
+    at random; here they all start at ``init_lr``, so the first meta-step is
+    exactly MAML's.
+
+    Example:
+        >>> import torch
+        >>> rule = meta_sgd(0.1)
+        >>> rates = rule.init({"w": torch.zeros(2, 3)}, 1)
+        >>> rates["w"].shape
+        torch.Size([2, 3])
+        >>> rule.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.tensor([0.5, 1.0])}, 0)
+        {'w': tensor([0.5000, 0.0000])}
+    """
+    init_lr = _positive_float("meta_sgd", "init_lr", init_lr)
+
+    def init(params: Params, steps: int) -> Params:
+        return {k: torch.full_like(p.detach(), init_lr) for k, p in params.items()}
+
+    def step(params: Params, grads: Params, rule_params: Params, i: int) -> Params:
+        _rates("meta_sgd", rule_params, params)
+        return {k: p - rule_params[k] * grads[k] for k, p in params.items()}
+
+    return InnerRule(init, step)
+
+
+def lslr(init_lr: float) -> InnerRule:
+    """Per-layer per-step learned step sizes, LSLR of MAML++ (Antoniou et al. 2019).
+
+    A scalar rate for every adapted tensor and every inner step:
+    ``params[k] - rates[k][i] * grads[k]``, ``rates[k]`` of shape ``[steps]``,
+    all starting at ``init_lr``. Steps past the trained number (evaluation with
+    more steps than meta-training) reuse the last step's rate.
+
+    Example:
+        >>> import torch
+        >>> rule = lslr(0.1)
+        >>> rule.init({"w": torch.zeros(2, 3)}, 5)["w"]
+        tensor([0.1000, 0.1000, 0.1000, 0.1000, 0.1000])
+        >>> rule.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.tensor([0.5, 0.25])}, 1)
+        {'w': tensor([0.7500, 0.7500])}
+    """
+    init_lr = _positive_float("lslr", "init_lr", init_lr)
+
+    def init(params: Params, steps: int) -> Params:
+        # At least one rate, so that a model meta-trained with 0 steps can still be adapted.
+        n = max(int(steps), 1)
+        return {k: torch.full((n,), init_lr, dtype=p.dtype, device=p.device) for k, p in params.items()}
+
+    def step(params: Params, grads: Params, rule_params: Params, i: int) -> Params:
+        _rates("lslr", rule_params, params)
+        return {k: p - rule_params[k][min(i, rule_params[k].shape[0] - 1)] * grads[k] for k, p in params.items()}
+
+    return InnerRule(init, step)
