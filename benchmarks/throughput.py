@@ -1,0 +1,591 @@
+"""How fast maml_func meta-trains, and why: the vectorized path against a per-task loop, in one run.
+
+Usage::
+
+    python benchmarks/throughput.py                  # the standard workloads (~8 min on 2 CPU cores)
+    python benchmarks/throughput.py --quick          # one small workload, under a minute
+    python benchmarks/throughput.py --malloc tuned   # glibc keeps freed memory (see tune_malloc)
+    python benchmarks/throughput.py --workloads 5w-s1-2nd --compile first --memory none
+    python benchmarks/throughput.py --device cuda --json runs/throughput.jsonl
+
+What is measured, per workload (Omniglot-shaped tasks, Conv4, one meta-iteration
+= meta-loss, backward, Adam step), side by side and interleaved round by round
+in the same process:
+
+- ``vmap (default)``: ``maml_func.MAML`` with its default options; its
+  ``chunk_size="auto"`` resolves per device (the row shows to what).
+- ``loop``: the same maths as a per-task Python loop with
+  ``torch.autograd.grad(create_graph=True)``, written out here independently
+  of the library (the way learn2learn and higher compute MAML), same network.
+- ``vmap chunk=N``: the vectorized path with an explicit ``chunk_size``
+  (``all`` = the whole meta-batch in one ``vmap``).
+- ``compiled``: ``torch.compile`` of the vectorized meta-loss over the whole
+  meta-batch (backward through it); a failure is a row with its reason.
+  Compiling takes minutes on a small CPU, so by default only CUDA runs get this
+  row, for the first workload (``--compile first|all`` asks for it).
+
+Figures: median ms per meta-iteration with min and max over the repeats,
+tasks/s, FLOPs per meta-iteration (``FlopCounterMode``, counted on the loop:
+the same arithmetic, and the counter over-counts the weight gradient of the
+grouped convolutions that ``vmap`` makes by the number of groups), achieved
+FLOP/s and its fraction of a dense fp32 matmul measured in the same run, peak
+memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh subprocess
+running the same configuration, and its rise over the set-up), and on the CPU
+the minor page faults per iteration (see ``--malloc``). Finally the memory
+curve of a second-order S=5 meta-batch against ``chunk_size``, and against
+splitting the meta-batch with one backward per part (gradient accumulation).
+
+Output: a table, and with ``--json PATH`` one JSON object per line
+(``"kind"``: ``"setup"``, ``"row"``, ``"memory"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from maml_func import MAML, Conv4, TaskBatch
+from maml_func.system import tune_malloc
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "omniglot"
+INNER_LR = 0.4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One meta-training setting: N-way K-shot tasks of 1x28x28 images, Conv4."""
+
+    n_way: int
+    k_shot: int
+    n_query: int
+    meta_batch: int
+    steps: int
+    first_order: bool
+    image_size: int = 28
+
+    @property
+    def name(self) -> str:
+        order = "1st" if self.first_order else "2nd"
+        return f"{self.n_way}w{self.k_shot}s T={self.meta_batch} S={self.steps} {order}"
+
+    @property
+    def key(self) -> str:
+        """Short name for ``--workloads``, e.g. ``5w-s1-2nd``."""
+        return f"{self.n_way}w-s{self.steps}-{'1st' if self.first_order else '2nd'}"
+
+
+def standard_workloads(quick: bool, smoke: bool) -> list[Workload]:
+    if smoke:
+        return [Workload(5, 1, 2, 2, 1, False)]
+    if quick:
+        return [Workload(5, 1, 15, 8, 1, False)]
+    five = [Workload(5, 1, 15, 32, s, fo) for fo in (False, True) for s in (1, 5)]
+    # 20-way with the paper's meta-batch of 16; one inner step to fit the time budget.
+    return five + [Workload(20, 1, 15, 16, 1, False)]
+
+
+# ----------------------------------------------------------------------------- the per-task loop
+def loop_meta_loss(model: torch.nn.Module, params: dict[str, Tensor], batch: TaskBatch, steps: int,
+                   first_order: bool) -> Tensor:
+    """MAML as a Python loop over tasks, ``torch.autograd.grad`` in the inner loop.
+
+    Independent of ``maml_func``'s functional core on purpose: it is the
+    baseline, written the way per-task-loop libraries (learn2learn, higher) do it.
+    """
+    names = list(params)
+    losses = []
+    for xs, ys, xq, yq in zip(*batch):
+        fast = [params[n] for n in names]
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (xs,)), ys)
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            fast = [p - INNER_LR * g for p, g in zip(fast, grads)]
+        losses.append(F.cross_entropy(functional_call(model, dict(zip(names, fast)), (xq,)), yq))
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class Method:
+    """A way to compute the meta-gradient: ``kind`` in loop / vmap / compiled."""
+
+    kind: str
+    chunk: int | str | None = "auto"  # vmap: chunk_size ("auto" = the library's default)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "loop":
+            return "loop (autograd.grad)"
+        if self.kind == "compiled":
+            return "compiled (chunk=all)"
+        if self.chunk == "auto":
+            return "vmap (default)"
+        return f"vmap chunk={'all' if self.chunk is None else self.chunk}"
+
+
+class Runner:
+    """Model, meta-parameters, optimizer and batches for one (workload, method)."""
+
+    def __init__(self, wl: Workload, method: Method, batches: list[TaskBatch], device: torch.device,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.wl, self.method, self.batches, self.device = wl, method, batches, device
+        self.model = Conv4(n_way=wl.n_way, image_size=wl.image_size).to(device)
+        kwargs = {} if method.chunk == "auto" else {"chunk_size": method.chunk}
+        self.maml = MAML(self.model, inner_lr=INNER_LR, inner_steps=wl.steps, first_order=wl.first_order, **kwargs)
+        self.meta = self.maml.init()
+        self.opt = torch.optim.Adam(self.maml.parameters(self.meta), lr=1e-3)
+        self.i = 0
+        self.compile_s: float | None = None
+        loss_fn: Callable[[TaskBatch], Tensor]
+        if method.kind == "loop":
+            def loss_fn(b: TaskBatch) -> Tensor:
+                return loop_meta_loss(self.model, self.meta["model"], b, wl.steps, wl.first_order)
+        else:
+            def loss_fn(b: TaskBatch) -> Tensor:
+                return self.maml.meta_loss(self.meta, b)[0]
+            if method.kind == "compiled":
+                loss_fn = torch.compile(loss_fn)
+        self.loss_fn = loss_fn
+
+    def resolved_chunk(self) -> str:
+        """What ``chunk_size`` the vectorized path really used for this batch."""
+        if self.method.kind == "loop":
+            return "-"
+        chunk = self.maml.chunk_size
+        if chunk == "auto":  # resolved per batch by the library (a private helper: the row shows its choice)
+            from maml_func.algorithms import maml as maml_module
+            chunk = maml_module._auto_chunk_size(self.batches[0])
+        return "all" if chunk is None else str(chunk)
+
+    def step(self) -> None:
+        batch = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.opt.zero_grad(set_to_none=True)
+        self.loss_fn(batch).backward()
+        self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def count_flops(runner: Runner) -> int:
+    with FlopCounterMode(display=False) as counter:
+        runner.step()
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(device: torch.device, repeats: int = 5) -> float:
+    """Dense fp32 matmul throughput on ``device``: the yardstick for utilization."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- data
+def make_batches(wl: Workload, count: int, device: torch.device, sampler: Any, seed: int) -> list[TaskBatch]:
+    """``count`` meta-batches of ``wl``: from the episode sampler, or synthetic of the same shapes."""
+    if sampler is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return [sampler.sample(wl.meta_batch, gen) for _ in range(count)]
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, wl.image_size, wl.image_size)
+    out = []
+    for _ in range(count):
+        t, s, q = wl.meta_batch, wl.n_way * wl.k_shot, wl.n_way * wl.n_query
+        out.append(TaskBatch(
+            torch.rand(t, s, *shape, generator=gen),
+            torch.arange(wl.n_way).repeat_interleave(wl.k_shot).expand(t, -1).clone(),
+            torch.rand(t, q, *shape, generator=gen),
+            torch.arange(wl.n_way).repeat_interleave(wl.n_query).expand(t, -1).clone(),
+        ).to(device))
+    return out
+
+
+def load_classes(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
+    """Omniglot's meta-training classes on ``device``, or ``None`` and why not."""
+    if args.data == "synthetic":
+        return None, "synthetic (--data synthetic)"
+    try:
+        from maml_func.data import load_dataset
+    except ImportError as e:
+        return None, f"synthetic (maml_func.data not importable: {e})"
+    source = Path(args.data_source).expanduser() if args.data_source else None
+    if source is not None and not source.exists():
+        source = None
+    try:
+        data = load_dataset("omniglot", root=args.data_root, source=source)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        if args.data == "omniglot":
+            raise
+        return None, f"synthetic (no Omniglot: {str(e).splitlines()[0][:160]})"
+    return data["train"].to(device), f"omniglot train split, {len(data['train'])} characters, rotations"
+
+
+def make_sampler(classes: Any, wl: Workload) -> Any:
+    if classes is None:
+        return None
+    from maml_func.tasks import EpisodeSampler
+    return EpisodeSampler(classes, wl.n_way, wl.k_shot, wl.n_query, rotations=True)
+
+
+# ----------------------------------------------------------------------------- memory
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process, from ``/proc/self/status``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new RSS high-water mark here (Linux >= 4.0), so importing torch does not count."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """In this (fresh) process: peak memory of meta-iterations of one configuration."""
+    device = torch.device(spec["device"])
+    if spec.get("malloc") == "tuned":
+        tune_malloc()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    wl = Workload(**spec["workload"])
+    method = Method(spec["kind"], spec["chunk"])
+    batches = make_batches(wl, 1, device, None, seed=0)
+    runner = Runner(wl, method, batches, device)
+    split = spec.get("split")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        exact = reset_peak_rss()
+        base = _status_bytes("VmRSS")
+    for _ in range(spec.get("iterations", 1)):
+        if split:
+            # Gradient accumulation: one backward per part, so only a part's graph is alive at a time.
+            runner.opt.zero_grad(set_to_none=True)
+            for part in batches[0].split(split):
+                loss = runner.maml.meta_loss(runner.meta, part)[0] * (part.num_tasks / wl.meta_batch)
+                loss.backward()
+            runner.opt.step()
+        else:
+            runner.step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base}
+    # Without a reset the high-water mark may be the import's, not the iteration's: say so.
+    peak = _status_bytes("VmHWM")
+    return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base, "peak_since_start": not exact}
+
+
+def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Peak memory of one configuration: in-process on CUDA, a fresh subprocess on the CPU."""
+    if device.type == "cuda":
+        return probe_memory(spec)
+    env = dict(os.environ)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, json.JSONDecodeError, IndexError) as e:
+        stderr = getattr(e, "stderr", "") or ""
+        return {"error": f"{type(e).__name__}: {stderr.strip().splitlines()[-1] if stderr.strip() else e}"}
+
+
+# ----------------------------------------------------------------------------- the run
+def time_rows(runners: list[Runner], repeats: int, device: torch.device) -> list[dict[str, Any]]:
+    """Warm every row up, then ``repeats`` rounds; each round runs every row once, starting at a rotating row."""
+    stats: list[dict[str, Any]] = []
+    for r in runners:
+        entry: dict[str, Any] = {"times": [], "faults": [], "error": None}
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            r.step()  # the compiled row compiles here
+            sync(device)
+            if r.method.kind == "compiled":
+                r.compile_s = time.perf_counter() - t0
+                r.step()
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, never a crash
+            entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            traceback.print_exc(limit=2, file=sys.stderr)
+        stats.append(entry)
+    for rep in range(repeats):
+        order = list(range(len(runners)))
+        order = order[rep % len(order):] + order[:rep % len(order)]
+        for i in order:
+            if stats[i]["error"]:
+                continue
+            f0 = minor_faults()
+            sync(device)
+            t0 = time.perf_counter()
+            runners[i].step()
+            sync(device)
+            stats[i]["times"].append(time.perf_counter() - t0)
+            stats[i]["faults"].append(minor_faults() - f0)
+    return stats
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'workload':<22} {'method':<22} {'chunk':>5} {'ms/iter':>8} {'[min, max]':>15} {'tasks/s':>8} "
+            f"{'vs loop':>7} {'GFLOP':>6} {'GFLOP/s':>8} {'util':>5} {'peak MiB':>8} {'rise MiB':>8} {'faults':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['workload']:<22} {r['method']:<22} {r['chunk']:>5}  FAILED: {r['error']}")
+            continue
+        mem = r.get("memory") or {}
+        print(f"{r['workload']:<22} {r['method']:<22} {r['chunk']:>5} {r['ms_median']:8.0f} "
+              f"{'[' + format(r['ms_min'], '.0f') + ', ' + format(r['ms_max'], '.0f') + ']':>15} "
+              f"{r['tasks_per_s']:8.1f} {r['speedup_vs_loop']:6.2f}x {r['gflop']:6.1f} {r['gflop_per_s']:8.1f} "
+              f"{r['utilization']:5.0%} {fmt_bytes(mem.get('peak_bytes')):>8} {fmt_bytes(mem.get('rise_bytes')):>8} "
+              f"{r['faults_median'] if r['faults_median'] is not None else '-':>7}"
+              + (f"  (compile {r['compile_s']:.0f} s)" if r.get("compile_s") else ""))
+
+
+def parse_chunks(text: str) -> list[int | None]:
+    out: list[int | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "all":
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"--chunks: expected positive ints or 'all', got {part!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="one small workload, 2 repeats: under a minute")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3; quick 2)")
+    p.add_argument("--chunks", type=parse_chunks, default=None,
+                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; quick 4)")
+    p.add_argument("--workloads", default=None,
+                   help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
+                        "5w-s5-1st, 20w-s1-2nd (default: all)")
+    p.add_argument("--compile", choices=("none", "first", "all"), default=None,
+                   help="torch.compile row for no workload, the first, or all (default: first on CUDA, none on "
+                        "the CPU, where compiling takes minutes)")
+    p.add_argument("--memory", choices=("none", "rows", "all"), default=None,
+                   help="peak memory of the rows, and the chunk_size curve (default all; quick rows)")
+    p.add_argument("--curve-chunks", type=parse_chunks, default=None,
+                   help="chunk_size points of the memory curve (default 1,2,4,8,16,32)")
+    p.add_argument("--split-chunks", type=parse_chunks, default=None,
+                   help="part sizes of the split (gradient accumulation) memory curve (default 1,4,32)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                   help="'tuned' makes glibc keep freed memory (mallopt), which removes the page faults "
+                        "of big tensors; applied to every row alike (default: the process's allocator as is)")
+    p.add_argument("--data", choices=("auto", "omniglot", "synthetic"), default="auto",
+                   help="episodes from Omniglot (auto: when available) or synthetic tensors of the same shapes")
+    p.add_argument("--data-root", default="data/omniglot", help="Omniglot archives / cache folder")
+    p.add_argument("--data-source", default=str(DEFAULT_SOURCE) if DEFAULT_SOURCE.exists() else None,
+                   help="offline folder with the two Omniglot zips (default ../shared/data/omniglot if present)")
+    p.add_argument("--json", metavar="PATH", help="also write JSON lines to PATH")
+    p.add_argument("--probe-memory", metavar="SPEC", help=argparse.SUPPRESS)  # internal: one memory probe
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    if args.probe_memory:
+        print(json.dumps(probe_memory(json.loads(args.probe_memory))))
+        return []
+
+    small = args.quick or args.smoke
+    repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 2 if args.quick else 3)
+    device = torch.device(args.device)
+    # The contrast worth a row: on the CPU "auto" chunks, so show one whole-batch vmap; on a GPU the reverse.
+    chunks = args.chunks if args.chunks is not None else (
+        [4] if small else [None] if device.type == "cpu" else [8])
+    compile_mode = args.compile if args.compile is not None else ("first" if device.type == "cuda" else "none")
+    memory_mode = args.memory if args.memory is not None else ("rows" if args.quick else "all")
+    curve_chunks = args.curve_chunks if args.curve_chunks is not None else (
+        [1, 2] if args.smoke else [1, 2, 4, 8, 16, 32])
+    split_chunks = args.split_chunks if args.split_chunks is not None else ([1, 2] if args.smoke else [1, 4, 32])
+    if repeats < 1:
+        raise SystemExit("throughput.py: --repeats must be at least 1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("throughput.py: --device cuda but torch.cuda.is_available() is False; use --device cpu")
+    malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    workloads = standard_workloads(args.quick, args.smoke)
+    if args.workloads:
+        wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        unknown = sorted(set(wanted) - {w.key for w in workloads})
+        if unknown:
+            raise SystemExit(f"throughput.py: --workloads {unknown} unknown; choose from {[w.key for w in workloads]}")
+        workloads = [w for w in workloads if w.key in wanted]
+    classes, data_note = load_classes(args, device) if not args.smoke else (None, "synthetic (--smoke)")
+    matmul = matmul_flops_per_s(device)
+    setup = {
+        "kind": "setup",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "malloc": ("tuned (mallopt)" if malloc_tuned else "default")
+                  + "".join(f", {k}={os.environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)),
+        "data": data_note,
+        "model": "Conv4 (64 filters, stride-2 convs, TaskBatchNorm), 1x28x28 inputs, float32",
+        "inner": f"SGD lr {INNER_LR}; outer Adam 1e-3; one iteration = meta-loss + backward + Adam step",
+        "workloads": [w.name + f" ({w.n_query} queries/class)" for w in workloads],
+        "repeats": repeats,
+        "matmul_gflop_per_s": matmul / 1e9,
+    }
+    print("maml_func throughput benchmark")
+    for k, v in setup.items():
+        if k != "kind":
+            print(f"  {k:<20} {v}")
+    print(flush=True)
+
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for wi, wl in enumerate(workloads):
+        sampler = make_sampler(classes, wl)
+        batches = make_batches(wl, 2, device, sampler, seed=wi)
+        methods = [Method("vmap"), Method("loop")] + [Method("vmap", c) for c in chunks]
+        if compile_mode == "all" or (compile_mode == "first" and wi == 0):
+            # One vmap over the whole meta-batch: the smallest graph to compile (chunks would be unrolled).
+            methods.append(Method("compiled", None))
+        runners = [Runner(wl, m, batches, device) for m in methods]
+        flops = count_flops(runners[1])
+        stats = time_rows(runners, repeats, device)
+        loop_median = statistics.median(stats[1]["times"]) if stats[1]["times"] else math.nan
+        for r, st in zip(runners, stats):
+            row: dict[str, Any] = {"kind": "row", "workload": wl.name, "method": r.method.label,
+                                   "chunk": r.resolved_chunk(), "config": asdict(wl)}
+            if st["error"] or not st["times"]:
+                row["error"] = st["error"] or "no timing"
+                rows.append(row)
+                continue
+            med = statistics.median(st["times"])
+            row.update({
+                "ms_median": med * 1e3, "ms_min": min(st["times"]) * 1e3, "ms_max": max(st["times"]) * 1e3,
+                "tasks_per_s": wl.meta_batch / med, "speedup_vs_loop": loop_median / med,
+                "gflop": flops / 1e9, "gflop_per_s": flops / med / 1e9, "utilization": flops / med / matmul,
+                "faults_median": int(statistics.median(st["faults"])) if device.type == "cpu" else None,
+                "compile_s": r.compile_s, "repeats": len(st["times"]),
+            })
+            rows.append(row)
+        del runners, batches
+        print(f"[{time.perf_counter() - start:5.0f} s] {wl.name}: "
+              + ", ".join(f"{r['method']} {r['ms_median']:.0f} ms" if 'ms_median' in r else f"{r['method']} failed"
+                          for r in rows if r["workload"] == wl.name), flush=True)
+
+    if memory_mode != "none":
+        for row in rows:
+            if row.get("error") or row["method"].startswith("compiled"):
+                continue
+            kind = "loop" if row["method"].startswith("loop") else "vmap"
+            chunk: int | str | None = "auto" if row["method"] == "vmap (default)" else (
+                None if row["chunk"] in ("all", "-") else int(row["chunk"]))
+            spec = {"device": str(device), "workload": row["config"], "kind": kind, "chunk": chunk,
+                    "malloc": args.malloc, "threads": args.threads}
+            row["memory"] = measure_memory(spec, device)
+        print(f"[{time.perf_counter() - start:5.0f} s] memory of the rows probed", flush=True)
+
+    print()
+    print_table(rows)
+
+    curve: list[dict[str, Any]] = []
+    if memory_mode == "all":
+        base = Workload(5, 1, 15 if not args.smoke else 2, 32 if not args.smoke else 2, 5 if not args.smoke else 1,
+                        False)
+        print(f"\nMemory curve: {base.name}, peak against chunk_size (one vmap, graph of all T tasks kept "
+              "for the backward) and against a split of the meta-batch with one backward per part")
+        print(f"{'mode':<14} {'chunk':>5} {'peak MiB':>9} {'rise MiB':>9}")
+        for mode, points in (("chunk_size", curve_chunks), ("split", split_chunks)):
+            for c in points:
+                if c is None or c > base.meta_batch:
+                    continue
+                spec = {"device": str(device), "workload": asdict(base), "kind": "vmap",
+                        "chunk": c if mode == "chunk_size" else None, "split": c if mode == "split" else None,
+                        "malloc": args.malloc, "threads": args.threads}
+                mem = measure_memory(spec, device)
+                curve.append({"kind": "memory", "workload": base.name, "mode": mode, "chunk": c, **mem})
+                print(f"{mode:<14} {c:>5} {fmt_bytes(mem.get('peak_bytes')):>9} {fmt_bytes(mem.get('rise_bytes')):>9}"
+                      + (f"  {mem['error']}" if "error" in mem else ""), flush=True)
+
+    records = [setup, *rows, *curve]
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for rec in records:
+                f.write(json.dumps(rec, default=str) + "\n")
+        print(f"\nwrote {len(records)} JSON lines to {path}")
+    return records
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

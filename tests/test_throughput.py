@@ -1,0 +1,138 @@
+"""benchmarks/throughput.py: its baseline computes the same maths, and a tiny run gives well-formed output.
+
+Correctness only; no timing is asserted (timings are the benchmark's job).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from maml_func import MAML, Conv4, TaskBatch
+from maml_func.algorithms.maml import _auto_chunk_size, _tasks_channels_last
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("throughput_under_test", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def batch_of(tasks: int, n_way: int, queries: int, size: int = 28, dtype=torch.float64, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(
+        torch.rand(tasks, n_way, 1, size, size, generator=g, dtype=dtype),
+        torch.arange(n_way).expand(tasks, -1).clone(),
+        torch.rand(tasks, n_way * queries, 1, size, size, generator=g, dtype=dtype),
+        torch.randint(0, n_way, (tasks, n_way * queries), generator=g),
+    )
+
+
+def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
+    return (num / torch.sqrt(sum((y**2).sum() for y in b))).item()
+
+
+def test_auto_chunk_size_on_cpu():
+    # Omniglot 5-way 1-shot, 15 queries: 80 images of 28x28 float32 per task -> 8 tasks per 2 MiB.
+    assert _auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 8
+    # 20-way: 320 images per task, four times the bytes -> 2, never fewer than 2.
+    assert _auto_chunk_size(batch_of(16, 20, 15, dtype=torch.float32)) == 2
+    assert _auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2
+    # Everything fits in one chunk: no chunking at all.
+    assert _auto_chunk_size(batch_of(4, 5, 15, dtype=torch.float32)) is None
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto'"):
+        MAML(Conv4(), chunk_size="big")
+    with pytest.raises(ValueError, match="chunk_size"):
+        MAML(Conv4(), chunk_size=True)
+
+
+def test_task_layout_is_channels_last_for_the_grouped_convolution():
+    x = torch.rand(4, 6, 3, 5, 5)
+    y = _tasks_channels_last(x)
+    assert torch.equal(x, y)
+    # What vmap hands the convolution: tasks folded into the channels, [B, T*C, H, W].
+    folded = y.movedim(0, 1).reshape(6, 4 * 3, 5, 5)
+    assert folded.data_ptr() == y.data_ptr() and folded.is_contiguous(memory_format=torch.channels_last)
+    labels = torch.zeros(4, 6, dtype=torch.int64)
+    assert _tasks_channels_last(labels) is labels and _tasks_channels_last(torch.rand(4, 6, 1)).is_contiguous()
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_loop_baseline_matches_library_with_auto_chunks(bench, first_order):
+    """The benchmark's per-task loop and the default (auto-chunked) vmap path: same loss, same meta-gradient."""
+    torch.manual_seed(0)
+    model = Conv4(n_way=5, hidden=8).double()
+    batch = batch_of(4, 5, 23)  # 120 float64 images per task: "auto" picks chunks of 2 here
+    assert _auto_chunk_size(batch) == 2
+    maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order)
+    meta = maml.init()
+    params = list(meta["model"].values())
+    loss = maml.meta_loss(meta, batch)[0]
+    grads = torch.autograd.grad(loss, params)
+    ref_loss = bench.loop_meta_loss(model, meta["model"], batch, 2, first_order)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    assert abs(loss.item() - ref_loss.item()) < 1e-12
+    assert rel_err(list(grads), list(ref_grads)) < 1e-10
+
+
+def test_failing_row_is_reported_not_raised(bench):
+    class Broken:
+        method = bench.Method("compiled")
+        compile_s = None
+
+        def step(self) -> None:
+            raise RuntimeError("backend exploded\nsecond line")
+
+    stats = bench.time_rows([Broken()], repeats=2, device=torch.device("cpu"))
+    assert stats[0]["error"] == "RuntimeError: backend exploded"
+    assert stats[0]["times"] == []
+
+
+@pytest.mark.slow
+def test_smoke_run_table_and_json(bench, tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    records = bench.main(["--smoke", "--json", str(out)])
+    printed = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == len(records)
+
+    setup = lines[0]
+    assert setup["kind"] == "setup" and setup["torch"] == torch.__version__
+    assert setup["device"] == "cpu" and setup["data"].startswith("synthetic")
+    assert setup["matmul_gflop_per_s"] > 0
+    for key in ("torch", "threads", "device", "workloads", "malloc"):
+        assert key in printed.split("\n\n")[0]
+
+    rows = [r for r in lines if r["kind"] == "row"]
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"vmap (default)", "loop (autograd.grad)", "vmap chunk=4"}
+    assert by_method["vmap (default)"]["chunk"] == "all"  # 2 tiny tasks fit in one chunk
+    assert by_method["loop (autograd.grad)"]["speedup_vs_loop"] == 1.0
+    flops = {r["gflop"] for r in rows}
+    assert len(flops) == 1 and flops.pop() > 0  # one count of the maths, shared by every row
+    for r in rows:
+        assert "error" not in r
+        assert 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+        assert math.isclose(r["tasks_per_s"], 2 / (r["ms_median"] / 1e3))
+        assert math.isclose(r["gflop_per_s"], r["gflop"] / (r["ms_median"] / 1e3))
+        assert r["utilization"] > 0 and r["faults_median"] >= 0
+        assert r["memory"]["peak_bytes"] > r["memory"]["rise_bytes"] > 0
+        assert r["method"] in printed
+
+    curve = [r for r in lines if r["kind"] == "memory"]
+    assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("split", 1), ("split", 2)]
+    assert all(c["peak_bytes"] > 0 and "error" not in c for c in curve)
