@@ -1,0 +1,397 @@
+"""Meta-training: configs and presets, exact resume, SIGINT, non-finite losses, crash-safe checkpoints,
+and learning a user's ImageFolder tree of synthetic glyphs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
+from maml_func.train import (
+    NonFiniteLossError,
+    TrainingInterrupted,
+    evaluate_run,
+    fit,
+    load_run,
+    meta_gradient,
+    meta_lr_at,
+)
+
+SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_glyph_folder(root: Path, n_classes: int = 40, per_class: int = 10, size: int = 20, seed: int = 0) -> Path:
+    """An ImageFolder tree of synthetic glyphs: a class is three fixed random strokes, an image a jittered drawing.
+
+    Learnable (the strokes are the class) but not trivial (shift, rotation, stroke
+    width and end points vary per image).
+    """
+    rng = random.Random(seed)
+    big = 4 * size  # drawn large, then shrunk with LANCZOS: smooth strokes
+    for c in range(n_classes):
+        strokes = [[(rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85)) for _ in range(rng.choice((2, 3)))]
+                   for _ in range(3)]
+        folder = root / f"glyph{c:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            image = Image.new("L", (big, big), 0)
+            draw = ImageDraw.Draw(image)
+            dx, dy = rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)
+            for stroke in strokes:
+                points = [((x + dx + rng.uniform(-0.03, 0.03)) * big, (y + dy + rng.uniform(-0.03, 0.03)) * big)
+                          for x, y in stroke]
+                draw.line(points, fill=255, width=int(big * rng.uniform(0.06, 0.09)))
+            image = image.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
+            image.resize((size, size), Image.LANCZOS).save(folder / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_glyph_folder(tmp_path_factory.mktemp("glyphs") / "glyphs")
+
+
+def tiny(glyphs: Path, save_to: Path | None, **changes: object) -> TrainConfig:
+    """A run of a few iterations that takes about a second on the CPU."""
+    values: dict[str, object] = dict(
+        dataset=str(glyphs), data_root=str(glyphs.parent / "cache"), image_size=16, hidden=8, n_way=3, k_shot=1,
+        n_query=2, meta_batch=4, inner_steps=1, eval_inner_steps=2, iterations=6, val_every=3, val_tasks=6,
+        save_every=2, log_every=1, device="cpu", seed=3, rotations=True,
+        save_to=None if save_to is None else str(save_to),
+    )
+    values.update(changes)
+    return make_config(**values)
+
+
+def assert_same_meta(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for group in a:
+        assert a[group].keys() == b[group].keys()
+        for name in a[group]:
+            assert torch.equal(a[group][name], b[group][name]), f"{group}.{name} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(glyphs: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The uninterrupted 6-iteration run every resume test must reproduce bit for bit."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    return fit(tiny(glyphs, run), progress=False)
+
+
+# ------------------------------------------------------------------ configs
+def test_presets_follow_the_maml_paper() -> None:
+    for name, (n_way, k_shot) in {"omniglot-5w1s": (5, 1), "omniglot-5w5s": (5, 5), "omniglot-20w1s": (20, 1),
+                                  "omniglot-20w5s": (20, 5)}.items():
+        config = make_config(preset=name)
+        assert (config.n_way, config.k_shot, config.n_query) == (n_way, k_shot, k_shot)
+        assert config.rotations and config.split == "maml" and config.image_size == 28
+        assert config.meta_lr == 1e-3 and config.dataset == "omniglot"
+        if n_way == 5:
+            assert (config.inner_lr, config.inner_steps, config.eval_inner_steps, config.meta_batch) == (0.4, 1, 3, 32)
+        else:
+            assert (config.inner_lr, config.inner_steps, config.eval_inner_steps, config.meta_batch) == (0.1, 5, 5, 16)
+    assert sorted(PRESETS) == ["omniglot-20w1s", "omniglot-20w5s", "omniglot-5w1s", "omniglot-5w5s"]
+
+
+def test_config_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "omniglot-20w1s"\ninner-lr = 0.2\nmeta_batch = 8\n[algorithm_options]\n')
+    config = make_config(file=toml, meta_batch=4)
+    assert (config.n_way, config.inner_steps) == (20, 5)  # from the preset named in the file
+    assert config.inner_lr == 0.2  # the file beats the preset
+    assert config.meta_batch == 4  # a flag beats the file
+    # An explicit preset (a flag) replaces the file's preset; the file's own values still beat any preset.
+    config = make_config(preset="omniglot-5w1s", file=toml)
+    assert (config.n_way, config.inner_steps, config.inner_lr) == (5, 1, 0.2)
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"n_way": 7, "k_shot": 2}))
+    assert (make_config(file=js).n_way, make_config(file=js).k_shot, make_config(file=js).inner_lr) == (7, 2, 0.4)
+    assert load_config_file(js) == {"n_way": 7, "k_shot": 2}
+
+
+def test_config_rejects_unknown_keys_with_a_suggestion(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n_wya = 5\n")
+    with pytest.raises(ValueError, match="unknown key 'n_wya'; did you mean 'n_way'"):
+        make_config(file=bad)
+    with pytest.raises(ValueError, match="unknown preset 'omniglot-1w1s'"):
+        make_config(preset="omniglot-1w1s")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_config(file=tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"n_way": 1}, "n_way must be an int >= 2, got 1"),
+        ({"inner_lr": -0.1}, "inner_lr must be a positive number, got -0.1"),
+        ({"meta_lr": 0.0}, "meta_lr must be a positive number, got 0.0"),
+        ({"k_shot": 0}, "k_shot must be an int >= 1, got 0"),
+        ({"image_size": 8}, "image_size must be an int >= 16"),
+        ({"dtype": "float16"}, "dtype must be one of"),
+        ({"algorithm": "protonet"}, "algorithm must be one of"),
+        ({"algorithm_options": {"inner_lr": 1.0}}, "are fields of the config"),
+        ({"rotations": "yes"}, "rotations must be true or false"),
+        ({"dataset": "/no/such/folder", "source": "/tmp"}, "source applies to dataset='omniglot' only"),
+    ],
+)
+def test_config_errors_name_field_value_and_fix(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**changes)
+
+
+def test_check_paths_names_missing_dataset_and_source(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="neither 'omniglot' nor an existing directory"):
+        TrainConfig(dataset=str(tmp_path / "nope")).check_paths()
+    with pytest.raises(ValueError, match="source .* does not exist"):
+        TrainConfig(source=str(tmp_path / "nope")).check_paths()
+    TrainConfig(dataset=str(tmp_path)).check_paths()
+
+
+# -------------------------------------------------------- run and resume
+def test_run_directory_holds_checkpoints_metrics_and_curve(reference) -> None:
+    run_dir = reference.run_dir
+    assert reference.iteration == 6 and reference.stopped == "completed"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["iteration"] for r in records if r["kind"] == "val"] == [0, 3, 6]
+    val = [r for r in records if r["kind"] == "val"]
+    assert all(len(r["accuracy_per_step"]) == 3 and 0 <= r["accuracy"] <= 1 for r in val)
+    assert reference.best_val_accuracy == max(r["accuracy"] for r in val)
+    assert (run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((run_dir / "config.json").read_text()) == reference.config.to_dict()
+    last, best = load_checkpoint(run_dir / "last.pt"), load_checkpoint(run_dir / "best.pt")
+    assert last["iteration"] == 6 and best["iteration"] == reference.best_iteration
+    assert last["config"]["channels"] == 1  # resolved from the data
+    assert_same_meta(last["meta"], {g: {k: v.detach() for k, v in p.items()} for g, p in reference.meta.items()})
+    assert not list(run_dir.glob(".*.tmp"))
+    loaded = load_run(run_dir / "last.pt")
+    assert_same_meta(loaded.meta, last["meta"])
+
+
+def test_resume_after_a_stop_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
+    first = fit(tiny(glyphs, tmp_path / "run", iterations=4), progress=False)
+    assert first.iteration == 4
+    resumed = fit(tiny(glyphs, tmp_path / "run", iterations=6), resume=tmp_path / "run", progress=False)
+    assert resumed.iteration == 6
+    assert_same_meta(resumed.meta, reference.meta)
+    ours = [r for r in resumed.history if r["kind"] == "train"]
+    theirs = [r for r in reference.history if r["kind"] == "train"]
+    assert [r["loss"] for r in ours] == [r["loss"] for r in theirs]
+    opt_a = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["state"]
+    opt_b = load_checkpoint(reference.run_dir / "last.pt")["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_b)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
+    def interrupting(algorithm, meta, batch, iteration):
+        if iteration == 2:  # the signal arrives in the middle of the third iteration
+            os.kill(os.getpid(), signal.SIGINT)
+        return meta_gradient(algorithm, meta, batch, iteration)
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stop:
+        fit(tiny(glyphs, tmp_path / "run"), progress=False, meta_gradient_fn=interrupting)
+    assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone again
+    assert stop.value.iteration == 3 and stop.value.signal == signal.SIGINT  # the iteration is finished first
+    assert stop.value.checkpoint == tmp_path / "run" / "last.pt"
+    assert load_checkpoint(stop.value.checkpoint)["iteration"] == 3
+    resumed = fit(tiny(glyphs, tmp_path / "run"), resume=tmp_path / "run", progress=False)
+    assert_same_meta(resumed.meta, reference.meta)
+
+
+def test_resume_refuses_changes_that_alter_the_trajectory(glyphs: Path, tmp_path: Path) -> None:
+    fit(tiny(glyphs, tmp_path / "run", iterations=2), progress=False)
+    with pytest.raises(ValueError, match=r"cannot resume with a changed inner_lr=0.1 \(checkpoint: 0.4\)"):
+        fit(tiny(glyphs, tmp_path / "run", inner_lr=0.1), resume=tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        fit(tiny(glyphs, tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="already at iteration 2"):
+        fit(tiny(glyphs, tmp_path / "run", iterations=1), resume=tmp_path / "run", progress=False)
+
+
+def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path) -> None:
+    config = tiny(glyphs, tmp_path / "whole", lr_schedule="cosine", meta_lr=0.01, final_lr_factor=0.1)
+    assert meta_lr_at(config, 0) == pytest.approx(0.01)
+    assert meta_lr_at(config, 3) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))  # half way: the mean of both ends
+    assert meta_lr_at(config, 6) == pytest.approx(0.001)
+    assert all(meta_lr_at(config, i) > meta_lr_at(config, i + 1) for i in range(6))
+    assert meta_lr_at(config.replace(lr_schedule="constant"), 5) == 0.01
+    whole = fit(config, progress=False)
+    logged = [r["meta_lr"] for r in whole.history if r["kind"] == "train"]
+    assert logged == pytest.approx([meta_lr_at(config, i) for i in range(6)])
+
+    def interrupting(algorithm, meta, batch, iteration):
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return meta_gradient(algorithm, meta, batch, iteration)
+
+    part = config.replace(save_to=str(tmp_path / "part"))
+    with pytest.raises(TrainingInterrupted):
+        fit(part, progress=False, meta_gradient_fn=interrupting)
+    with pytest.raises(ValueError, match="cannot resume a cosine lr_schedule with iterations=8"):
+        fit(part.replace(iterations=8), resume=tmp_path / "part", progress=False)
+    assert_same_meta(fit(part, resume=tmp_path / "part", progress=False).meta, whole.meta)
+
+
+def test_config_rejects_bad_schedules_and_chunk_sizes() -> None:
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="final_lr_factor must be a number in"):
+        TrainConfig(final_lr_factor=1.5)
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0; or None"):
+        TrainConfig(chunk_size=0)
+    assert TrainConfig().chunk_size == "auto" and TrainConfig(chunk_size=None).chunk_size is None
+
+
+def test_non_finite_loss_stops_without_saving_the_bad_state(glyphs: Path, tmp_path: Path) -> None:
+    def diverging(algorithm, meta, batch, iteration):
+        loss, metrics = meta_gradient(algorithm, meta, batch, iteration)
+        return (loss * float("nan") if iteration == 4 else loss), metrics
+
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan at iteration 5") as err:
+        fit(tiny(glyphs, tmp_path / "run"), progress=False, meta_gradient_fn=diverging)
+    assert err.value.iteration == 5 and err.value.checkpoint == tmp_path / "run" / "last.pt"
+    assert "is kept" in str(err.value) and "Lower inner_lr" in str(err.value)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["iteration"] == 4
+    assert all(torch.isfinite(p).all() for p in last["meta"]["model"].values())
+
+
+def test_a_huge_inner_step_is_caught_as_non_finite(glyphs: Path, tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match="at iteration 1;.*no checkpoint was written"):
+        fit(tiny(glyphs, tmp_path / "run", inner_lr=1e38, val_every=0), progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_time_limit_stops_with_a_checkpoint(glyphs: Path, tmp_path: Path) -> None:
+    result = fit(tiny(glyphs, tmp_path / "run", max_minutes=1e-9, val_every=0), progress=False)
+    assert result.stopped == "time_limit" and result.iteration == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 1
+
+
+def test_fit_without_save_to_writes_nothing(glyphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = fit(tiny(glyphs, None, iterations=2, data_root=str(glyphs.parent / "cache")), progress=False)
+    assert result.run_dir is None and result.iteration == 2 and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------- checkpoints
+def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    path = save_checkpoint({"w": torch.arange(3.0), "config": {"n_way": 5}, "it": 7, "none": None}, tmp_path / "c.pt")
+    state = load_checkpoint(path)
+    assert torch.equal(state["w"], torch.arange(3.0)) and state["it"] == 7 and state["none"] is None
+    torch.save({"evil": Path("x")}, tmp_path / "evil.pt")  # a pickled class: never unpickled by us
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "torn.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+_SLOW_SAVE = textwrap.dedent("""
+    import sys, time, torch
+    from maml_func.checkpoint import save_checkpoint
+    path = sys.argv[1]
+    save_checkpoint({"w": torch.zeros(100_000), "generation": 1}, path)
+
+    class Slow:  # a file that stalls after its first megabyte-ish write
+        def __init__(self, f): self.f, self.written = f, 0
+        def write(self, b):
+            n = self.f.write(b); self.f.flush(); self.written += n
+            if self.written > 1000:
+                print("WRITING", flush=True); time.sleep(600)
+            return n
+        def flush(self): self.f.flush()
+
+    real_save = torch.save
+    torch.save = lambda obj, f: real_save(obj, Slow(f))
+    save_checkpoint({"w": torch.ones(100_000), "generation": 2}, path)
+""")
+
+
+def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        partial = list(tmp_path.glob(".last.pt.*.tmp"))
+        assert len(partial) == 1 and partial[0].stat().st_size > 1000  # killed mid-write, for real
+    finally:
+        proc.kill()
+        proc.wait()
+    state = load_checkpoint(path)
+    assert state["generation"] == 1 and torch.equal(state["w"], torch.zeros(100_000))
+    assert remove_stale_temporaries(path) == partial and not partial[0].exists()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_of_training_leaves_a_loadable_checkpoint(glyphs: Path, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "maml_func", "train", "--dataset", str(glyphs), "--data-root",
+               str(tmp_path / "cache"), "--image-size", "16", "--hidden", "8", "--n-way", "3", "--n-query", "2",
+               "--meta-batch", "2", "--iterations", "100000", "--save-every", "1", "--val-every", "0",
+               "--device", "cpu", "--save-to", str(run), "--no-progress"]
+    iterations = []
+    for attempt in range(3):
+        proc = subprocess.Popen(command + (["--resume", str(run)] if attempt else []), stderr=subprocess.DEVNULL)
+        start = time.time()  # the clock of st_mtime
+        try:
+            while time.time() - start < 60:
+                state_time = (run / "last.pt").stat().st_mtime if (run / "last.pt").exists() else None
+                if state_time is not None and state_time > start:  # this process is writing checkpoints
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.3))  # while checkpoints are being written every iteration
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        state = load_checkpoint(run / "last.pt")
+        assert state["iteration"] >= 1 and all(torch.isfinite(p).all() for p in state["meta"]["model"].values())
+        iterations.append(state["iteration"])
+    assert iterations == sorted(iterations) and iterations[-1] > iterations[0]  # each resumed run went on
+
+
+# ------------------------------------------------------ learning for real
+def test_fit_learns_a_user_image_folder_far_above_chance(tmp_path: Path) -> None:
+    """The acceptance test on a user's folder: synthetic glyphs, a few hundred iterations, 5-way 1-shot."""
+    folder = make_glyph_folder(tmp_path / "glyphs", n_classes=40, per_class=10, size=20, seed=1)
+    config = make_config(dataset=str(folder), data_root=str(tmp_path / "cache"), image_size=16, hidden=16,
+                         n_way=5, k_shot=1, n_query=3, meta_batch=8, iterations=300, val_every=100,
+                         val_tasks=50, eval_inner_steps=3, device="cpu", save_to=str(tmp_path / "run"))
+    untrained = evaluate_run(None, config=config, num_tasks=200)
+    result = fit(config, progress=False)
+    trained = evaluate_run(result.run_dir, num_tasks=200)
+    assert trained.n_way == 5 and trained.k_shot == 1 and trained.num_tasks == 200
+    print(f"untrained {untrained.summary()}; trained {trained.summary()}")
+    assert trained.final_accuracy > 0.6, trained.summary()  # chance is 0.2
+    assert trained.final_accuracy > untrained.final_accuracy + 0.05, (trained.summary(), untrained.summary())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason=f"the Omniglot archives are not at {SHARED_OMNIGLOT}")
+def test_tiny_omniglot_run_from_the_shared_archives(tmp_path: Path) -> None:
+    config = make_config(preset="omniglot-5w1s", source=str(SHARED_OMNIGLOT), data_root=str(tmp_path / "data"),
+                         download=False, hidden=8, meta_batch=4, iterations=3, val_every=0, val_tasks=5,
+                         device="cpu", save_to=str(tmp_path / "run"))
+    result = fit(config, progress=False)
+    assert result.iteration == 3 and result.best_iteration == 3
+    evaluation = evaluate_run(tmp_path / "run", num_tasks=10, batch_size=5)
+    assert (evaluation.n_way, evaluation.k_shot, evaluation.steps, evaluation.num_tasks) == (5, 1, 3, 10)
+    assert 0 <= evaluation.final_accuracy <= 1
