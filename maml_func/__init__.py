@@ -6,12 +6,16 @@ plain dicts through ``torch.func.functional_call``; the inner loop is a
 tasks in one vectorized pass.
 """
 
-from maml_func.algorithms import ALGORITHMS, MAML, build
+from maml_func.algorithms import ALGORITHMS, MAML, Reptile, build, multi_step_weights
 from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
-from maml_func.inner import InnerRule, adapt, adapt_trajectory, sgd
+from maml_func.inner import InnerRule, adapt, adapt_trajectory, lslr, meta_sgd, sgd
 from maml_func.models import MLP, Conv4, TaskBatchNorm
 from maml_func.sinusoid import sample_sinusoid_tasks
-from maml_func.tasks import TaskBatch
+from maml_func.data import ImageClasses, load_dataset
+from maml_func.tasks import EpisodeSampler, TaskBatch
+from maml_func.config import TrainConfig, make_config
+from maml_func.evaluate import EvalResult, evaluate
+from maml_func.train import TrainResult, evaluate_run, fit, load_run
 
 __version__ = "0.1.0"
 
@@ -20,18 +24,33 @@ __all__ = [
     "MAML",
     "MLP",
     "Conv4",
+    "EpisodeSampler",
+    "EvalResult",
+    "ImageClasses",
     "InnerRule",
     "MetaParams",
     "Params",
+    "Reptile",
     "TaskBatch",
     "TaskBatchNorm",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "accuracy",
     "adapt",
     "adapt_trajectory",
     "build",
     "combine",
+    "evaluate",
+    "evaluate_run",
+    "fit",
     "forward",
+    "load_dataset",
+    "load_run",
+    "lslr",
+    "make_config",
+    "meta_sgd",
+    "multi_step_weights",
     "params_and_buffers",
     "partition",
     "sample_sinusoid_tasks",
