@@ -74,9 +74,9 @@ def main() -> None:
     threads = max(1, cores // args.ranks)
     print(f"Omniglot 5-way 1-shot, meta-batch 32, second order, {args.iterations} iterations on {args.device} "
           f"({cores} cores)")
-    print(f"  1 process ({cores} threads)          : {one:8.1f} tasks/s   (whole command {t1:.0f} s)")
-    print(f"  {args.ranks} ranks ({threads} thread(s) each)    : {many:8.1f} tasks/s   (whole command {tw:.0f} s)")
-    print(f"  speed-up {args.ranks} ranks / 1 process     : {many / one:8.2f}x")
+    print(f"  1 process ({cores} threads)            : {one:8.1f} tasks/s   (whole command {t1:.0f} s)")
+    print(f"  {args.ranks} ranks ({threads} thread(s) each)     : {many:8.1f} tasks/s   (whole command {tw:.0f} s)")
+    print(f"  speed-up, {args.ranks} ranks / 1 process : {many / one:8.2f}x")
 
 
 if __name__ == "__main__":
