@@ -1,0 +1,68 @@
+"""The notebooks: each runs top to bottom at the quick size, and is committed without outputs.
+
+Each notebook is executed with nbclient in a fresh kernel of this interpreter
+(``sys.executable``), with ``notebooks/`` as its working directory and
+``MAML_FUNC_NB_SCALE=quick``; a cell that raises, or one of the notebook's own
+``assert`` cells, fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+OMNIGLOT_PARTS = ("images_background", "images_evaluation")
+# Generous for the quick size (the longest cell, the quickstart's meta-training, takes about 30 s on 2 cores).
+CELL_TIMEOUT_S = 600
+
+
+def _has_omniglot(folder: Path) -> bool:
+    return all((folder / f"{part}.zip").is_file() or (folder / part).is_dir() for part in OMNIGLOT_PARTS)
+
+
+def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``notebooks/<name>`` top to bottom in a fresh kernel, at the quick size."""
+    # A kernelspec of our own makes "python3" this interpreter, whatever kernels the user has installed.
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("MAML_FUNC_NB_SCALE", "quick")
+    # Figures render inline even where the environment asks for a headless backend such as Agg.
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()  # raises CellExecutionError, naming the cell, when a cell raises
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    omniglot = Path(os.environ.get("MAML_FUNC_OMNIGLOT", SHARED_OMNIGLOT)).resolve()
+    if not _has_omniglot(omniglot):
+        pytest.skip(f"the Omniglot archives (images_background.zip, images_evaluation.zip) are not at {omniglot}; "
+                    "set MAML_FUNC_OMNIGLOT to the folder that holds them")
+    monkeypatch.setenv("MAML_FUNC_OMNIGLOT", str(omniglot))
+    monkeypatch.setenv("MAML_FUNC_DATA_ROOT", str(tmp_path / "data"))  # the decoded cache, never in the checkout
+    execute("01_quickstart.ipynb", tmp_path, monkeypatch)
+
+
+def test_functional_core_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    execute("02_functional_core.ipynb", tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_functional_core.ipynb"])
+def test_committed_without_outputs(name: str) -> None:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code, f"{name} has no code cells"
+    for i, cell in enumerate(code):
+        assert cell.outputs == [] and cell.execution_count is None, (
+            f"{name}: code cell {i} has outputs or an execution count; clear them before committing "
+            f"(jupyter nbconvert --clear-output --inplace notebooks/{name})")
