@@ -97,7 +97,7 @@ class TrainConfig:
         eval_inner_steps: inner steps at validation and test.
         hidden: filters per :class:`~maml_func.Conv4` block.
         chunk_size: tasks per ``vmap`` chunk (``None``: the whole meta-batch;
-            ``"auto"``: the whole meta-batch on a GPU, ~2 MiB of task inputs
+            ``"auto"``: the whole meta-batch on a GPU, ~1 MiB of task inputs
             per chunk on the CPU, the fastest there); bounds memory.
 
     Optimization:

@@ -47,8 +47,8 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def test_auto_chunk_size_on_cpu():
-    # Omniglot 5-way 1-shot, 15 queries: 80 images of 28x28 float32 per task -> 8 tasks per 2 MiB.
-    assert _auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 8
+    # Omniglot 5-way 1-shot, 15 queries: 80 images of 28x28 float32 per task -> 4 tasks per 1 MiB.
+    assert _auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 4
     # 20-way: 320 images per task, four times the bytes -> 2, never fewer than 2.
     assert _auto_chunk_size(batch_of(16, 20, 15, dtype=torch.float32)) == 2
     assert _auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2

@@ -83,16 +83,19 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
 
 
 # chunk_size="auto" on the CPU. A vmapped chunk's activations are about 16x its
-# inputs for a Conv4 (64 channels at a quarter of the pixels), so 2 MiB of inputs
-# keep each activation under glibc's 32 MiB mmap ceiling: above it every tensor
-# is a fresh mmap whose pages fault in anew at every use (measured on 2 cores,
-# Conv4 T=32: 2.4 s of page faults in a 2.9 s meta-iteration). At least 2 tasks:
-# a chunk of one pays vmap's overhead without batching anything.
-_CPU_CHUNK_INPUT_BYTES = 2 * 2**20
+# inputs for a Conv4 (64 channels at a quarter of the pixels), so 1 MiB of inputs
+# keeps each activation well under glibc's 32 MiB mmap ceiling: above it every
+# tensor is a fresh mmap whose pages fault in anew at every use (measured on 2
+# cores, Conv4 T=32: 2.4 s of page faults in a 2.9 s meta-iteration). 2 MiB
+# (chunks of 8 for 5-way 1-shot, 15 queries) still faulted 37 000-66 000 times
+# an iteration, its backward's temporaries crossing the ceiling; chunks of 4 did
+# not fault and were the fastest (2026-11-25: 421 ms against 477 ms for 8, 511
+# ms for 2). At least 2 tasks: a chunk of one pays vmap's overhead for nothing.
+_CPU_CHUNK_INPUT_BYTES = 2**20
 
 
 def _auto_chunk_size(batch: TaskBatch) -> int | None:
-    """``chunk_size="auto"``: ``None`` (one vmap) off the CPU; on the CPU, ~2 MiB of inputs per chunk."""
+    """``chunk_size="auto"``: ``None`` (one vmap) off the CPU; on the CPU, ~1 MiB of inputs per chunk."""
     tasks = batch.num_tasks
     if batch.x_support.device.type != "cpu" or tasks == 0:
         return None
@@ -133,7 +136,7 @@ class MAML:
         chunk_size: tasks per vectorized chunk (``vmap(chunk_size=...)``);
             ``None`` runs the whole meta-batch at once. ``"auto"`` (default):
             the whole meta-batch on an accelerator; on the CPU, chunks of about
-            2 MiB of task inputs (8 tasks of Omniglot 5-way 1-shot, 15
+            1 MiB of task inputs (4 tasks of Omniglot 5-way 1-shot, 15
             queries), which keeps each activation tensor small enough for the
             C allocator to reuse memory instead of page-faulting it in anew.
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
