@@ -9,6 +9,7 @@ Each notebook is executed with nbclient in a fresh kernel of this interpreter
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -27,8 +28,8 @@ def _has_omniglot(folder: Path) -> bool:
     return all((folder / f"{part}.zip").is_file() or (folder / part).is_dir() for part in OMNIGLOT_PARTS)
 
 
-def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run ``notebooks/<name>`` top to bottom in a fresh kernel, at the quick size."""
+def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run ``notebooks/<name>`` top to bottom in a fresh kernel, at the quick size; return what it printed."""
     # A kernelspec of our own makes "python3" this interpreter, whatever kernels the user has installed.
     write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
@@ -39,6 +40,8 @@ def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()  # raises CellExecutionError, naming the cell, when a cell raises
+    return "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for out in cell.get("outputs", []) if out.get("output_type") == "stream")
 
 
 @pytest.mark.slow
@@ -49,11 +52,19 @@ def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
                     "set MAML_FUNC_OMNIGLOT to the folder that holds them")
     monkeypatch.setenv("MAML_FUNC_OMNIGLOT", str(omniglot))
     monkeypatch.setenv("MAML_FUNC_DATA_ROOT", str(tmp_path / "data"))  # the decoded cache, never in the checkout
-    execute("01_quickstart.ipynb", tmp_path, monkeypatch)
+    printed = execute("01_quickstart.ipynb", tmp_path, monkeypatch)
+    # The notebook asserts this itself; checked here too, from its printed summaries.
+    trained = re.search(r"meta-trained: +5-way 1-shot: ([0-9.]+)%", printed)
+    untrained = re.search(r"not meta-trained: 5-way 1-shot: ([0-9.]+)%", printed)
+    assert trained and untrained, printed[-2000:]
+    assert float(trained.group(1)) > 60.0 and float(trained.group(1)) > float(untrained.group(1)) + 20
 
 
 def test_functional_core_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    execute("02_functional_core.ipynb", tmp_path, monkeypatch)
+    printed = execute("02_functional_core.ipynb", tmp_path, monkeypatch)
+    after = re.search(r"query MSE after 0 / 1 / 10 steps: ([0-9.]+) / ([0-9.]+) / ([0-9.]+)", printed)
+    assert after, printed[-2000:]
+    assert float(after.group(3)) < 0.25 * float(after.group(1))
 
 
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_functional_core.ipynb"])
