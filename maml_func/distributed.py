@@ -102,7 +102,10 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | float |
 
     Returns:
         This process's :class:`World`. Does nothing but return it when a
-        process group already exists.
+        process group already exists. Call
+        ``torch.distributed.destroy_process_group()`` when done (``maml-func
+        train`` does): a process that exits with gloo's threads still running
+        can abort.
 
     Raises:
         DistributedError: when the ``torchrun`` variables are missing or the

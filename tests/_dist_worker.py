@@ -84,3 +84,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Leave the group before the interpreter exits: gloo's threads torn down at exit can abort the process.
+    torch.distributed.destroy_process_group()
