@@ -153,7 +153,7 @@ def evaluate(
     if num_tasks < me.size:
         raise ValueError(f"evaluate: num_tasks={num_tasks} is fewer than the {me.size} ranks; evaluate at least "
                          "one task per rank")
-    total, num_tasks = num_tasks, shard_sizes(num_tasks, me.size)[me.rank]
+    share = shard_sizes(num_tasks, me.size)[me.rank]  # this rank's tasks (all of them on one process)
     if generator is None:
         _int_at_least("seed", seed, 0)
         generator = torch.Generator(device=_sampler_device(sampler)).manual_seed(rank_seed(seed, me.rank))
@@ -161,10 +161,10 @@ def evaluate(
     accuracies: list[Tensor] = []
     losses: list[Tensor] = []
     shape: tuple[int, int, int] | None = None
-    with torch.no_grad(), tqdm(total=num_tasks, disable=not (progress and me.is_main), unit="task", desc="evaluate",
+    with torch.no_grad(), tqdm(total=share, disable=not (progress and me.is_main), unit="task", desc="evaluate",
                                dynamic_ncols=True) as bar:
-        for start in range(0, num_tasks, batch_size):
-            batch = sampler.sample(min(batch_size, num_tasks - start), generator)
+        for start in range(0, share, batch_size):
+            batch = sampler.sample(min(batch_size, share - start), generator)
             if shape is None:
                 shape = _task_shape(batch)
             if batch.x_support.dtype != dtype:
@@ -176,10 +176,10 @@ def evaluate(
             accuracies.append(scores["accuracy"].detach().double().cpu())
             losses.append(scores["loss"].detach().double().cpu())
             bar.update(batch.num_tasks)
-    scores = {"accuracy": torch.cat(accuracies), "loss": torch.cat(losses)}  # [num_tasks, S+1]
-    if me.size > 1:
+    scores = {"accuracy": torch.cat(accuracies), "loss": torch.cat(losses)}  # [share, S+1]
+    if me.size > 1:  # every rank's share, [num_tasks, S+1]
         scores = gather_tasks(scores)
-    acc, loss, num_tasks = scores["accuracy"], scores["loss"], total
+    acc, loss = scores["accuracy"], scores["loss"]
     ci = _Z95 * acc.std(dim=0, correction=0) / math.sqrt(num_tasks)
     assert shape is not None
     return EvalResult(
