@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -255,14 +256,35 @@ def _train(args: argparse.Namespace) -> int:
         from maml_func.system import tune_malloc
 
         tune_malloc()
-    try:
+    if not config.distributed:
         return _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
-    finally:
-        if config.distributed:
-            import torch.distributed as dist
+    from maml_func.distributed import shutdown_distributed
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    try:
+        code = _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
+    except BaseException:
+        shutdown_distributed(synchronize=False)
+        raise
+    _exit_rank(prog, code)
+
+
+def _exit_rank(prog: str, code: int) -> NoReturn:
+    """End a distributed rank: leave the process group in step with the others, then exit at once.
+
+    Everything is written and closed by now. ``os._exit`` skips the
+    interpreter's teardown, where torch's C++ communication threads can abort
+    a finished process ("terminate called without an active exception"),
+    which ``torchrun`` would report as a failed run.
+    """
+    from maml_func.distributed import DistributedError, shutdown_distributed
+
+    try:
+        shutdown_distributed(synchronize=code == 0)
+    except DistributedError as err:
+        code = _fail(prog, str(err), EXIT_FAILED)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _fit_and_report(prog: str, config: Any, resume: str | None, progress: bool, main: bool) -> int:
@@ -404,6 +426,9 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``maml-func`` with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    ``train --distributed`` is the exception: once the process group is
+    joined, the rank leaves it and exits the process with the status itself.
 
     Example:
         >>> main(["--version"])  # doctest: +SKIP

@@ -37,6 +37,7 @@ Example (the pieces, without :func:`~maml_func.fit`)::
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +59,7 @@ __all__ = [
     "init_distributed",
     "rank_seed",
     "shard_sizes",
+    "shutdown_distributed",
     "world",
 ]
 
@@ -102,10 +104,9 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | float |
 
     Returns:
         This process's :class:`World`. Does nothing but return it when a
-        process group already exists. Call
-        ``torch.distributed.destroy_process_group()`` when done (``maml-func
-        train`` does): a process that exits with gloo's threads still running
-        can abort.
+        process group already exists. Call :func:`shutdown_distributed` when
+        done (``maml-func train`` does): a process that exits with gloo's
+        threads still running can abort.
 
     Raises:
         DistributedError: when the ``torchrun`` variables are missing or the
@@ -137,6 +138,34 @@ def init_distributed(backend: str | None = None, *, timeout: timedelta | float |
                                f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
                                f"(rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}): {err}") from err
     return world()
+
+
+def shutdown_distributed(*, synchronize: bool = True) -> None:
+    """Leave the process group: wait for every rank, then destroy the group. No-op without one.
+
+    The barrier keeps a rank from tearing down its connections while another
+    is still inside a collective; destroying the group (and collecting what
+    still refers to it) stops gloo's threads while Python is fully alive. A
+    process that leaves them to interpreter shutdown can abort with
+    "terminate called without an active exception" after its work is done.
+
+    Args:
+        synchronize: wait for the other ranks first. Pass ``False`` on an
+            error path, where they may be gone (the barrier would only wait
+            out the timeout).
+
+    Raises:
+        DistributedError: when the barrier fails; the group is destroyed anyway.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if synchronize:
+            with _collective("waiting for the other ranks to finish"):
+                dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def rank_seed(seed: int, rank: int) -> int:

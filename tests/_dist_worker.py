@@ -83,6 +83,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from maml_func.distributed import shutdown_distributed
+
     main()
-    # Leave the group before the interpreter exits: gloo's threads torn down at exit can abort the process.
-    torch.distributed.destroy_process_group()
+    # As `maml-func train --distributed` ends a rank: leave the group in step, then skip the interpreter's
+    # teardown, where gloo's threads can abort a finished process.
+    shutdown_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -133,6 +133,23 @@ def test_fit_on_two_ranks_agrees_writes_once_and_resumes_exactly(glyphs: Path, t
         fit(part.replace(iterations=6, distributed=False), resume=tmp_path / "part", progress=False)
 
 
+def test_cli_under_torchrun_trains_and_every_rank_exits_cleanly(glyphs: Path, tmp_path: Path) -> None:
+    """The README's launch line, on loopback: both ranks exit 0 and only rank 0 wrote the run directory."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                           "-m", "maml_func", "train", "--distributed", "--dataset", str(glyphs), "--image-size", "16",
+                           "--n-way", "3", "--meta-batch", "4", "--iterations", "4", "--device", "cpu",
+                           "--save-to", str(tmp_path / "run"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    assert proc.stderr.count("best validation accuracy") == 1, proc.stderr[-3000:]  # rank 0 alone reports
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        ["best.pt", "config.json", "last.pt", "learning_curve.png", "metrics.jsonl"])
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["iteration"] == 4
+
+
 def test_distributed_without_torchrun_is_a_clear_usage_error(glyphs: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "maml_func", "train", "--distributed", "--dataset", str(glyphs),
