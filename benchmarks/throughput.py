@@ -33,7 +33,8 @@ memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh subprocess
 running the same configuration, and its rise over the set-up), and on the CPU
 the minor page faults per iteration (see ``--malloc``). Finally the memory
 curve of a second-order S=5 meta-batch against ``chunk_size``, and against
-splitting the meta-batch with one backward per part (gradient accumulation).
+``tasks_per_backward`` (``maml_func.train.meta_gradient``: one backward per part
+of the meta-batch, gradients summed), the option that bounds the peak.
 
 Output: a table, and with ``--json PATH`` one JSON object per line
 (``"kind"``: ``"setup"``, ``"row"``, ``"memory"``).
@@ -65,6 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.system import tune_malloc
+from maml_func.train import meta_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "omniglot"
@@ -303,11 +305,10 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
         base = _status_bytes("VmRSS")
     for _ in range(spec.get("iterations", 1)):
         if split:
-            # Gradient accumulation: one backward per part, so only a part's graph is alive at a time.
+            # The library's gradient accumulation: one backward per part of `split` tasks, so only that
+            # part's autograd graph is alive at a time.
             runner.opt.zero_grad(set_to_none=True)
-            for part in batches[0].split(split):
-                loss = runner.maml.meta_loss(runner.meta, part)[0] * (part.num_tasks / wl.meta_batch)
-                loss.backward()
+            meta_gradient(runner.maml, runner.meta, batches[0], 0, tasks_per_backward=split)
             runner.opt.step()
         else:
             runner.step()
@@ -424,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-chunks", type=parse_chunks, default=None,
                    help="chunk_size points of the memory curve (default 1,2,4,8,16,32)")
     p.add_argument("--split-chunks", type=parse_chunks, default=None,
-                   help="part sizes of the split (gradient accumulation) memory curve (default 1,4,32)")
+                   help="tasks_per_backward values of the memory curve (default 1,2,4,8,16,32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--malloc", choices=("default", "tuned"), default="default",
                    help="'tuned' makes glibc keep freed memory (mallopt), which removes the page faults "
@@ -455,7 +456,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     memory_mode = args.memory if args.memory is not None else ("rows" if args.quick else "all")
     curve_chunks = args.curve_chunks if args.curve_chunks is not None else (
         [1, 2] if args.smoke else [1, 2, 4, 8, 16, 32])
-    split_chunks = args.split_chunks if args.split_chunks is not None else ([1, 2] if args.smoke else [1, 4, 32])
+    split_chunks = args.split_chunks if args.split_chunks is not None else (
+        [1, 2] if args.smoke else [1, 2, 4, 8, 16, 32])
     if repeats < 1:
         raise SystemExit("throughput.py: --repeats must be at least 1")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -551,19 +553,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if memory_mode == "all":
         base = Workload(5, 1, 15 if not args.smoke else 2, 32 if not args.smoke else 2, 5 if not args.smoke else 1,
                         False)
-        print(f"\nMemory curve: {base.name}, peak against chunk_size (one vmap, graph of all T tasks kept "
-              "for the backward) and against a split of the meta-batch with one backward per part")
-        print(f"{'mode':<14} {'chunk':>5} {'peak MiB':>9} {'rise MiB':>9}")
-        for mode, points in (("chunk_size", curve_chunks), ("split", split_chunks)):
+        print(f"\nMemory curve: {base.name}, peak against chunk_size (one backward: the graph of all T tasks "
+              "is kept for it) and against tasks_per_backward (meta_gradient: one backward per part of N tasks, "
+              "default chunk_size)")
+        print(f"{'mode':<18} {'N':>5} {'peak MiB':>9} {'rise MiB':>9}")
+        for mode, points in (("chunk_size", curve_chunks), ("tasks_per_backward", split_chunks)):
             for c in points:
                 if c is None or c > base.meta_batch:
                     continue
                 spec = {"device": str(device), "workload": asdict(base), "kind": "vmap",
-                        "chunk": c if mode == "chunk_size" else None, "split": c if mode == "split" else None,
+                        "chunk": c if mode == "chunk_size" else "auto",
+                        "split": c if mode == "tasks_per_backward" else None,
                         "malloc": args.malloc, "threads": args.threads}
                 mem = measure_memory(spec, device)
                 curve.append({"kind": "memory", "workload": base.name, "mode": mode, "chunk": c, **mem})
-                print(f"{mode:<14} {c:>5} {fmt_bytes(mem.get('peak_bytes')):>9} {fmt_bytes(mem.get('rise_bytes')):>9}"
+                print(f"{mode:<18} {c:>5} {fmt_bytes(mem.get('peak_bytes')):>9} {fmt_bytes(mem.get('rise_bytes')):>9}"
                       + (f"  {mem['error']}" if "error" in mem else ""), flush=True)
 
     records = [setup, *rows, *curve]

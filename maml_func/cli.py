@@ -86,6 +86,8 @@ _CONFIG_FLAGS: list[tuple[str, Any, str | None, str]] = [
     ("hidden", int, "C", "filters per Conv4 block (default: 64)"),
     ("chunk_size", _chunk_size, "T|none|auto", "tasks per vmap chunk, bounds memory; none: the whole meta-batch "
      "(default: auto, the fastest chunks on the CPU, the whole meta-batch on a GPU)"),
+    ("tasks_per_backward", _optional_int, "N|none", "one backward per N tasks, gradients summed: peak memory "
+     "grows with N, not the meta-batch (default: none, one backward)"),
     ("meta_batch", int, "T", "tasks per meta-update (default: 32)"),
     ("meta_lr", float, "LR", "Adam step size (default: 0.001)"),
     ("lr_schedule", str, "constant|cosine", "cosine: decay meta_lr along half a cosine to "

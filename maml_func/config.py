@@ -56,7 +56,7 @@ _SCHEDULES = ("constant", "cosine")
 # (validation draws from its own generator, saving and logging read nothing random).
 RESUMABLE_FIELDS = frozenset(
     {"iterations", "max_minutes", "device", "save_to", "val_every", "val_tasks", "save_every", "log_every",
-     "data_root", "source", "download"}
+     "data_root", "source", "download", "tasks_per_backward"}
 )
 
 
@@ -98,7 +98,12 @@ class TrainConfig:
         hidden: filters per :class:`~maml_func.Conv4` block.
         chunk_size: tasks per ``vmap`` chunk (``None``: the whole meta-batch;
             ``"auto"``: the whole meta-batch on a GPU, ~1 MiB of task inputs
-            per chunk on the CPU, the fastest there); bounds memory.
+            per chunk on the CPU, the fastest there); bounds the temporaries
+            of one chunk.
+        tasks_per_backward: ``None``: one backward over the meta-batch. An int
+            bounds peak memory by that many tasks' autograd graphs (one backward
+            per part, gradients summed; see :func:`maml_func.train.meta_gradient`).
+            The same meta-gradient up to rounding, so it may change on resume.
 
     Optimization:
         meta_batch: tasks per meta-update. meta_lr: Adam step size.
@@ -152,6 +157,7 @@ class TrainConfig:
     eval_inner_steps: int = 3
     hidden: int = 64
     chunk_size: int | str | None = "auto"
+    tasks_per_backward: int | None = None
     meta_batch: int = 32
     meta_lr: float = 1e-3
     lr_schedule: str = "constant"
@@ -200,6 +206,8 @@ class TrainConfig:
             fail("channels", "1, 3 or None")
         if self.chunk_size not in (None, "auto"):
             positive_int("chunk_size", hint="; or None (one vmap) or 'auto'")
+        if self.tasks_per_backward is not None:
+            positive_int("tasks_per_backward", hint="; or None (one backward over the meta-batch)")
         if self.lr_schedule not in _SCHEDULES:
             fail("lr_schedule", f"one of {_SCHEDULES}")
         if not _is_number(self.final_lr_factor) or not 0 <= self.final_lr_factor <= 1:

@@ -29,6 +29,7 @@ the same number of ranks).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -149,22 +150,58 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------- pieces
-def meta_gradient(algorithm: Any, meta: MetaParams, batch: TaskBatch, iteration: int) -> tuple[Tensor, Metrics]:
+def meta_gradient(
+    algorithm: Any, meta: MetaParams, batch: TaskBatch, iteration: int, *, tasks_per_backward: int | None = None
+) -> tuple[Tensor, Metrics]:
     """The meta-loss of ``batch`` and its gradient, left in each meta-tensor's ``.grad``.
 
     The one place where a meta-gradient is computed, so that a data-parallel
     wrapper can run it on its shard and average the ``.grad``\\ s across ranks.
 
+    Args:
+        algorithm: any algorithm of the family (its ``meta_loss`` is a mean over tasks).
+        meta: its meta-parameters.
+        batch: T tasks.
+        iteration: the meta-training step, for algorithms with schedules.
+        tasks_per_backward: ``None``: one backward over the whole meta-batch.
+            An int ``c`` bounds memory: the meta-batch is cut into parts of at
+            most ``c`` tasks, each part's loss (weighted by its share of T) is
+            differentiated on its own and the gradients are summed, so the
+            autograd graph of at most ``c`` tasks is alive at any time (peak
+            memory grows with ``c``, not with T; ``chunk_size`` only bounds the
+            temporaries of one ``vmap`` chunk). The same meta-gradient up to
+            rounding; about as fast (each part is still vectorized).
+
     Returns:
         ``(loss [], metrics)``, both detached; ``metrics`` as ``algorithm.meta_loss``'s (per task, ``[T]``).
         Meta-tensors the loss does not depend on get ``.grad = None``.
+
+    Raises:
+        ValueError: ``tasks_per_backward`` is not a positive int or ``None``.
     """
+    if tasks_per_backward is not None and (
+        not isinstance(tasks_per_backward, int) or isinstance(tasks_per_backward, bool) or tasks_per_backward < 1
+    ):
+        raise ValueError(f"meta_gradient: tasks_per_backward must be a positive int or None, got {tasks_per_backward!r}")
     params = algorithm.parameters(meta)
-    loss, metrics = algorithm.meta_loss(meta, batch, iteration)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    total = batch.num_tasks
+    parts = [batch] if tasks_per_backward is None or tasks_per_backward >= total else batch.split(tasks_per_backward)
+    grads: list[Tensor | None] = [None] * len(params)
+    losses, all_metrics = [], []
+    for part in parts:
+        loss, metrics = algorithm.meta_loss(meta, part, iteration)
+        if len(parts) > 1:
+            loss = loss * (part.num_tasks / total)  # the mean over T tasks is the weighted sum of the parts' means
+        for i, g in enumerate(torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                grads[i] = g if grads[i] is None else grads[i] + g
+        losses.append(loss.detach())
+        all_metrics.append({k: v.detach() for k, v in metrics.items()})
     for p, g in zip(params, grads):
         p.grad = g
-    return loss.detach(), {k: v.detach() for k, v in metrics.items()}
+    if len(parts) == 1:
+        return losses[0], all_metrics[0]
+    return torch.stack(losses).sum(), {k: torch.cat([m[k] for m in all_metrics]) for k in all_metrics[0]}
 
 
 def _resolve_device(name: str, me: World | None = None) -> torch.device:
@@ -424,7 +461,8 @@ def fit(
             must equal the checkpoint's config except for the fields in
             ``maml_func.config.RESUMABLE_FIELDS`` (e.g. a larger ``iterations``).
         progress: show a tqdm bar (loss, accuracy, tasks/s).
-        meta_gradient_fn: replaces :func:`meta_gradient` (the data-parallel seam).
+        meta_gradient_fn: replaces :func:`meta_gradient` (the data-parallel seam);
+            ``config.tasks_per_backward`` is passed to the default one only.
 
     Returns:
         A :class:`TrainResult` (``stopped="time_limit"`` when ``max_minutes`` ran out).
@@ -501,6 +539,8 @@ def fit(
             _restore_rngs(state, generator, device, config, start, me)
         files = _RunFiles(run_dir if me.is_main else None)
         files.open(config, history)
+        if meta_gradient_fn is meta_gradient and config.tasks_per_backward is not None:
+            meta_gradient_fn = functools.partial(meta_gradient, tasks_per_backward=config.tasks_per_backward)
         try:
             return _loop(config, model, algorithm, meta, optimizer, generator, sampler, val_sampler, files,
                          start=start, best=best, best_iteration=best_iteration, progress=progress, device=device,

@@ -99,6 +99,30 @@ def test_vmap_equals_per_task_loop_float64(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_one_backward_per_part_gives_the_meta_gradient_of_the_whole_batch(name):
+    """meta_gradient(tasks_per_backward=2) on 3 tasks (parts of 2 and 1) equals one backward, float64."""
+    from maml_func.train import meta_gradient
+
+    algo = build(name, _conv(), **EQUALITY_OPTIONS[name])
+    meta, batch = algo.init(), _image_batch()
+    params = algo.parameters(meta)
+    loss_1, metrics_1 = meta_gradient(algo, meta, batch, ITERATION)
+    whole = [None if p.grad is None else p.grad.clone() for p in params]
+    loss_2, metrics_2 = meta_gradient(algo, meta, batch, ITERATION, tasks_per_backward=2)
+    assert [p.grad is None for p in params] == [g is None for g in whole]
+    g_1 = _flat(g for g in whole if g is not None)
+    g_2 = _flat(p.grad for p in params if p.grad is not None)
+    assert g_1.norm() > 0
+    assert _rel(g_2, g_1) < 1e-10
+    assert _rel(loss_2, loss_1) < 1e-12
+    assert metrics_2.keys() == metrics_1.keys()
+    for key in metrics_1:
+        assert metrics_2[key].shape == (TASKS,) and torch.allclose(metrics_2[key], metrics_1[key], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="tasks_per_backward must be a positive int or None, got 0"):
+        meta_gradient(algo, meta, batch, ITERATION, tasks_per_backward=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_evaluate_shapes_and_vmap_equals_loop(name):
     model, batch = _conv(), _image_batch()
     options = EQUALITY_OPTIONS[name]

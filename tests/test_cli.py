@@ -77,7 +77,8 @@ def test_train_help_lists_every_config_field(capsys: pytest.CaptureFixture) -> N
     _, out, _ = run(["train", "--help"], capsys)
     for flag in ("--preset", "--config", "--resume", "--n-way", "--k-shot", "--n-query", "--meta-batch",
                  "--inner-steps", "--inner-lr", "--meta-lr", "--iterations", "--first-order", "--seed", "--device",
-                 "--save-to", "--dataset", "--data-root", "--source", "--rotations", "--max-minutes"):
+                 "--save-to", "--dataset", "--data-root", "--source", "--rotations", "--max-minutes",
+                 "--chunk-size", "--tasks-per-backward"):
         assert flag in out, flag
 
 
@@ -97,6 +98,7 @@ BAD_TRAIN = {
     "missing resume": (["--resume", "runs/none"], "no checkpoint at"),
     "unknown algorithm": (["--algorithm", "protonet"], "algorithm must be one of"),
     "bad algorithm option": (["--algorithm-option", "inner_lr=1"], "are fields of the config"),
+    "zero tasks per backward": (["--tasks-per-backward", "0"], "tasks_per_backward must be an int >= 1, got 0"),
 }
 
 
@@ -133,11 +135,12 @@ def test_bad_eval_input_exits_2(flags: list[str], message: str, folder: Path, tm
 def test_train_then_eval(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     code, _, err = run(["train", *tiny_flags(folder, tmp_path), "--iterations", "4", "--val-every", "2",
-                        "--save-to", str(run_dir)], capsys)
+                        "--tasks-per-backward", "2", "--save-to", str(run_dir)], capsys)
     assert code == 0, err
     assert f"Evaluate with: maml-func eval --checkpoint {run_dir}" in err
     assert {p.name for p in run_dir.iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "learning_curve.png"}
     assert load_checkpoint(run_dir / "last.pt")["iteration"] == 4
+    assert load_checkpoint(run_dir / "last.pt")["config"]["tasks_per_backward"] == 2
 
     code, out, err = run(["eval", "--checkpoint", str(run_dir), "--tasks", "8", "--batch-size", "3", "--steps", "2"],
                          capsys)

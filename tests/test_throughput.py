@@ -134,5 +134,5 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
         assert r["method"] in printed
 
     curve = [r for r in lines if r["kind"] == "memory"]
-    assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("split", 1), ("split", 2)]
+    assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("tasks_per_backward", 1), ("tasks_per_backward", 2)]
     assert all(c["peak_bytes"] > 0 and "error" not in c for c in curve)

@@ -247,6 +247,34 @@ def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Pa
     assert_same_meta(fit(part, resume=tmp_path / "part", progress=False).meta, whole.meta)
 
 
+def test_tasks_per_backward_splits_every_meta_batch_and_may_change_on_resume(
+        glyphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maml_func.algorithms.maml import MAML
+
+    sizes: list[int] = []
+    meta_loss = MAML.meta_loss
+
+    def recording(self, meta, batch, iteration=0):
+        sizes.append(batch.num_tasks)
+        return meta_loss(self, meta, batch, iteration)
+
+    monkeypatch.setattr(MAML, "meta_loss", recording)
+    config = tiny(glyphs, tmp_path / "run", iterations=2, val_every=0, dtype="float64")
+    split = fit(config.replace(tasks_per_backward=3), progress=False)
+    assert sizes == [3, 1, 3, 1]  # meta_batch 4 in parts of 3 and 1, two iterations
+    sizes.clear()
+    whole = fit(config.replace(save_to=None), progress=False)
+    assert sizes == [4, 4]
+    for name, value in whole.meta["model"].items():
+        if not (name.startswith("features.") and name.endswith(".0.bias")):  # conv biases before batch norm:
+            # their meta-gradient is 0 up to rounding, which Adam scales up to full steps
+            assert torch.allclose(split.meta["model"][name], value, rtol=1e-9, atol=1e-12), name
+    resumed = fit(config.replace(iterations=3, tasks_per_backward=2), resume=tmp_path / "run", progress=False)
+    assert resumed.iteration == 3 and sizes[-2:] == [2, 2]
+    with pytest.raises(ValueError, match="tasks_per_backward must be an int >= 1, got 0; or None"):
+        TrainConfig(tasks_per_backward=0)
+
+
 def test_config_rejects_bad_schedules_and_chunk_sizes() -> None:
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         TrainConfig(lr_schedule="linear")
