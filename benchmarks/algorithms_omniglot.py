@@ -38,7 +38,6 @@ import torch
 from maml_func import ALGORITHMS, Conv4, build
 from maml_func.data import load_dataset
 from maml_func.evaluate import evaluate
-from maml_func.system import tune_malloc
 from maml_func.tasks import EpisodeSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +80,6 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--log-seconds", type=float, default=30.0, help="progress line interval")
     args = parser.parse_args()
-    tune_malloc()  # glibc keeps freed memory: faster on the CPU, same results
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
     unknown = [n for n in names if n not in RECIPES]
     if unknown or not names:

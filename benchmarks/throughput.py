@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/throughput.py                  # the standard workloads (~8 min on 2 CPU cores)
     python benchmarks/throughput.py --quick          # one small workload, under a minute
-    python benchmarks/throughput.py --malloc tuned   # glibc keeps freed memory (see tune_malloc)
+    python benchmarks/throughput.py --malloc glibc   # glibc as it comes (MAML_FUNC_TUNE_MALLOC=0)
     python benchmarks/throughput.py --workloads 5w-s1-2nd --compile first --memory none
     python benchmarks/throughput.py --device cuda --json runs/throughput.jsonl
 
@@ -13,7 +13,8 @@ What is measured, per workload (Omniglot-shaped tasks, Conv4, one meta-iteration
 in the same process:
 
 - ``vmap (default)``: ``maml_func.MAML`` with its default options; its
-  ``chunk_size="auto"`` resolves per device (the row shows to what).
+  ``chunk_size="auto"`` resolves per device and allocator (the row shows to
+  what: one vmap, except on the CPU with ``--malloc glibc``).
 - ``loop``: the same maths as a per-task Python loop with
   ``torch.autograd.grad(create_graph=True)``, written out here independently
   of the library (the way learn2learn and higher compute MAML), same network.
@@ -65,7 +66,8 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from maml_func import MAML, Conv4, TaskBatch
-from maml_func.system import tune_malloc
+from maml_func.system import ENV as TUNE_MALLOC_ENV
+from maml_func.system import malloc_tuned, tune_malloc
 from maml_func.train import meta_gradient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +179,7 @@ class Runner:
         chunk = self.maml.chunk_size
         if chunk == "auto":  # resolved per batch by the library (a private helper: the row shows its choice)
             from maml_func.algorithms import maml as maml_module
-            chunk = maml_module._auto_chunk_size(self.batches[0])
+            chunk = maml_module._auto_chunk_size(self.batches[0], malloc_tuned())
         return "all" if chunk is None else str(chunk)
 
     def step(self) -> None:
@@ -284,11 +286,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def set_allocator(mode: str) -> bool:
+    """Before any row runs: ``"tuned"`` applies what maml_func does on the CPU to the whole process (every
+    row alike, the loop included); ``"glibc"`` turns the library's automatic tuning off. Returns whether tuned."""
+    if mode == "glibc":
+        os.environ[TUNE_MALLOC_ENV] = "0"
+        return False
+    return tune_malloc()
+
+
 def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """In this (fresh) process: peak memory of meta-iterations of one configuration."""
     device = torch.device(spec["device"])
-    if spec.get("malloc") == "tuned":
-        tune_malloc()
+    set_allocator(spec.get("malloc", "tuned"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     wl = Workload(**spec["workload"])
@@ -413,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3; quick 2)")
     p.add_argument("--chunks", type=parse_chunks, default=None,
-                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; quick 4)")
+                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: 4, or all with --malloc glibc on the CPU)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
                         "5w-s5-1st, 20w-s1-2nd (default: all)")
@@ -427,9 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-chunks", type=parse_chunks, default=None,
                    help="tasks_per_backward values of the memory curve (default 1,2,4,8,16,32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
-                   help="'tuned' makes glibc keep freed memory (mallopt), which removes the page faults "
-                        "of big tensors; applied to every row alike (default: the process's allocator as is)")
+    p.add_argument("--malloc", choices=("tuned", "glibc"), default="tuned",
+                   help="'tuned' (default): glibc keeps freed memory, as maml_func sets it up on the CPU, for "
+                        "every row alike; 'glibc': the allocator as it comes (MAML_FUNC_TUNE_MALLOC=0), where "
+                        "chunk_size='auto' runs small chunks")
     p.add_argument("--data", choices=("auto", "omniglot", "synthetic"), default="auto",
                    help="episodes from Omniglot (auto: when available) or synthetic tensors of the same shapes")
     p.add_argument("--data-root", default="data/omniglot", help="Omniglot archives / cache folder")
@@ -449,9 +460,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     small = args.quick or args.smoke
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 2 if args.quick else 3)
     device = torch.device(args.device)
-    # The contrast worth a row: on the CPU "auto" chunks, so show one whole-batch vmap; on a GPU the reverse.
+    # The contrast worth a row: the other side of what "auto" resolves to (one vmap on a GPU and on the CPU
+    # with the tuned allocator; chunks on the CPU with glibc as it comes).
     chunks = args.chunks if args.chunks is not None else (
-        [4] if small else [None] if device.type == "cpu" else [8])
+        [4] if small or device.type == "cuda" or args.malloc == "tuned" else [None])
     compile_mode = args.compile if args.compile is not None else ("first" if device.type == "cuda" else "none")
     memory_mode = args.memory if args.memory is not None else ("rows" if args.quick else "all")
     curve_chunks = args.curve_chunks if args.curve_chunks is not None else (
@@ -462,7 +474,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit("throughput.py: --repeats must be at least 1")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("throughput.py: --device cuda but torch.cuda.is_available() is False; use --device cpu")
-    malloc_tuned = tune_malloc() if args.malloc == "tuned" else False
+    tuned = set_allocator(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -485,7 +497,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "malloc": ("tuned (mallopt)" if malloc_tuned else "default")
+        "malloc": ("tuned (maml_func.system.tune_malloc)" if tuned else "glibc as it comes")
                   + "".join(f", {k}={os.environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)),
         "data": data_note,
         "model": "Conv4 (64 filters, stride-2 convs, TaskBatchNorm), 1x28x28 inputs, float32",

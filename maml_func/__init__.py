@@ -15,7 +15,7 @@ from maml_func.data import ImageClasses, load_dataset
 from maml_func.tasks import EpisodeSampler, TaskBatch
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult, evaluate
-from maml_func.train import TrainResult, evaluate_run, fit, load_run
+from maml_func.train import TrainResult, evaluate_run, fit, load_run, meta_gradient
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "load_run",
     "lslr",
     "make_config",
+    "meta_gradient",
     "meta_sgd",
     "multi_step_weights",
     "params_and_buffers",

@@ -1,18 +1,30 @@
 """Process-level settings that make the CPU path fast; nothing here changes a result.
 
-:func:`tune_malloc` is what ``maml-func train`` and ``maml-func eval`` call on
-start-up (``--no-tune-malloc`` leaves glibc as it is); the throughput benchmark
-measures its effect (``benchmarks/README.md``, "page faults").
+On the CPU, glibc's allocator hands big freed blocks back to the OS and faults
+them in again, zeroed, page by page at the next use: a vectorized meta-batch
+spends a large share of each iteration in page faults (``benchmarks/README.md``,
+"page faults"). The vectorized path of the library therefore calls
+:func:`auto_tune_malloc` the first time it runs on the CPU, which applies
+:func:`tune_malloc` once per process. Set the environment variable
+``MAML_FUNC_TUNE_MALLOC=0`` (or pass ``--no-tune-malloc`` to ``maml-func``)
+to leave the allocator alone; ``chunk_size="auto"`` then picks small chunks
+instead, which fault less.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
-__all__ = ["tune_malloc"]
+__all__ = ["auto_tune_malloc", "malloc_tuned", "tune_malloc"]
+
+#: The environment variable that turns the automatic tuning off ("0", "false", "no" or "off").
+ENV = "MAML_FUNC_TUNE_MALLOC"
 
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_tuned = False
+_decided = False
 
 
 def tune_malloc() -> bool:
@@ -22,17 +34,40 @@ def tune_malloc() -> bool:
     is a fresh ``mmap`` whose pages fault in on first touch and are unmapped
     on free, and the heap is trimmed whenever its free top grows past a
     threshold: a meta-iteration then page-faults its whole working set anew,
-    every iteration (about 15% of a 5-way 1-shot Conv4 meta-iteration on 2
-    cores). The cost: the process keeps its peak heap until it exits.
-    The same from the shell, for any program:
+    every iteration. The cost: the process keeps its peak heap until it
+    exits (as it would under jemalloc or tcmalloc). The same from the shell,
+    for any program:
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
 
     Returns:
         ``True`` when both settings were applied; ``False`` where glibc is not
         the C library (macOS, Windows, musl), which is then left alone.
     """
+    global _tuned, _decided
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
-        return False
+        ok = False
+    _tuned, _decided = _tuned or ok, True
+    return ok
+
+
+def auto_tune_malloc() -> bool:
+    """:func:`tune_malloc` once per process, unless ``MAML_FUNC_TUNE_MALLOC`` turns it off.
+
+    Called by the library's vectorized path on the CPU. Returns
+    :func:`malloc_tuned`.
+    """
+    global _decided
+    if not _decided:
+        if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            _decided = True
+        else:
+            tune_malloc()
+    return _tuned
+
+
+def malloc_tuned() -> bool:
+    """Whether :func:`tune_malloc` has been applied in this process."""
+    return _tuned

@@ -8,6 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -54,6 +57,8 @@ def test_auto_chunk_size_on_cpu():
     assert _auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2
     # Everything fits in one chunk: no chunking at all.
     assert _auto_chunk_size(batch_of(4, 5, 15, dtype=torch.float32)) is None
+    # When glibc keeps freed memory nothing faults, and one vmap over the meta-batch is the fastest.
+    assert _auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32), malloc_tuned=True) is None
     with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto'"):
         MAML(Conv4(), chunk_size="big")
     with pytest.raises(ValueError, match="chunk_size"):
@@ -71,14 +76,15 @@ def test_task_layout_is_channels_last_for_the_grouped_convolution():
     assert _tasks_channels_last(labels) is labels and _tasks_channels_last(torch.rand(4, 6, 1)).is_contiguous()
 
 
+@pytest.mark.parametrize("chunk_size", ["auto", 2])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_loop_baseline_matches_library_with_auto_chunks(bench, first_order):
-    """The benchmark's per-task loop and the default (auto-chunked) vmap path: same loss, same meta-gradient."""
+def test_loop_baseline_matches_library_default_and_chunked(bench, first_order, chunk_size):
+    """The benchmark's per-task loop and the vmap path (default, and chunks of 2): same loss, same meta-gradient."""
     torch.manual_seed(0)
     model = Conv4(n_way=5, hidden=8).double()
-    batch = batch_of(4, 5, 23)  # 120 float64 images per task: "auto" picks chunks of 2 here
+    batch = batch_of(4, 5, 23)  # 120 float64 images per task: "auto" with glibc as it comes picks chunks of 2
     assert _auto_chunk_size(batch) == 2
-    maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order)
+    maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order, chunk_size=chunk_size)
     meta = maml.init()
     params = list(meta["model"].values())
     loss = maml.meta_loss(meta, batch)[0]
@@ -136,3 +142,20 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
     curve = [r for r in lines if r["kind"] == "memory"]
     assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("tasks_per_backward", 1), ("tasks_per_backward", 2)]
     assert all(c["peak_bytes"] > 0 and "error" not in c for c in curve)
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_the_vectorized_cpu_path_tunes_malloc_once_unless_told_not_to(setting):
+    """A fresh process: the first vectorized meta-loss on the CPU tunes glibc; MAML_FUNC_TUNE_MALLOC=0 keeps it as is."""
+    code = ("from maml_func import MAML, MLP, sample_sinusoid_tasks\n"
+            "from maml_func.system import malloc_tuned\n"
+            "before = malloc_tuned()\n"
+            "MAML(MLP(), loss='mse').meta_loss(MAML(MLP(), loss='mse').init(), sample_sinusoid_tasks(4))\n"
+            "print(before, malloc_tuned())\n")
+    env = {k: v for k, v in os.environ.items() if k != "MAML_FUNC_TUNE_MALLOC"}
+    if setting is not None:
+        env["MAML_FUNC_TUNE_MALLOC"] = setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out.stdout.split() == ["False", str(glibc and setting is None)]

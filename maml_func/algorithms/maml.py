@@ -29,6 +29,7 @@ from torch.func import vmap
 
 from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt_trajectory, sgd
+from maml_func.system import auto_tune_malloc
 from maml_func.tasks import TaskBatch
 
 __all__ = ["MAML", "multi_step_weights"]
@@ -82,22 +83,27 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
     return [early] * (steps - 1) + [1.0 - early * (steps - 1)]
 
 
-# chunk_size="auto" on the CPU. A vmapped chunk's activations are about 16x its
-# inputs for a Conv4 (64 channels at a quarter of the pixels), so 1 MiB of inputs
-# keeps each activation well under glibc's 32 MiB mmap ceiling: above it every
-# tensor is a fresh mmap whose pages fault in anew at every use (measured on 2
-# cores, Conv4 T=32: 2.4 s of page faults in a 2.9 s meta-iteration). 2 MiB
-# (chunks of 8 for 5-way 1-shot, 15 queries) still faulted 37 000-66 000 times
-# an iteration, its backward's temporaries crossing the ceiling; chunks of 4 did
-# not fault and were the fastest (2026-11-25: 421 ms against 477 ms for 8, 511
-# ms for 2). At least 2 tasks: a chunk of one pays vmap's overhead for nothing.
+# chunk_size="auto" on the CPU depends on the C allocator. With glibc as it
+# comes, 1 MiB of task inputs per chunk: a vmapped chunk's activations are about
+# 16x its inputs for a Conv4 (64 channels at a quarter of the pixels), which
+# keeps each activation well under glibc's 32 MiB mmap ceiling; above it every
+# tensor is a fresh mmap whose pages fault in anew at every use (2.4 s of page
+# faults in a 2.9 s meta-iteration of one vmap over T=32, 2 cores). Chunks of 4
+# (this size for Omniglot 5-way 1-shot, 15 queries) were the fastest there. Once
+# glibc keeps freed memory (maml_func.system.tune_malloc, applied automatically
+# by the vectorized CPU path unless MAML_FUNC_TUNE_MALLOC=0) nothing faults and
+# one vmap over the meta-batch is the fastest (2026-11-25, tuned, T=32: 377 ms
+# against 400 ms for chunks of 4 at S=1 second order, 271 against 302 ms first
+# order, 420 against 509 ms at S=5 first order). At least 2 tasks a chunk: a
+# chunk of one pays vmap's overhead for nothing.
 _CPU_CHUNK_INPUT_BYTES = 2**20
 
 
-def _auto_chunk_size(batch: TaskBatch) -> int | None:
-    """``chunk_size="auto"``: ``None`` (one vmap) off the CPU; on the CPU, ~1 MiB of inputs per chunk."""
+def _auto_chunk_size(batch: TaskBatch, malloc_tuned: bool = False) -> int | None:
+    """``chunk_size="auto"``: one vmap (``None``) off the CPU or when the allocator keeps freed memory; else ~1 MiB
+    of task inputs per chunk."""
     tasks = batch.num_tasks
-    if batch.x_support.device.type != "cpu" or tasks == 0:
+    if batch.x_support.device.type != "cpu" or tasks == 0 or malloc_tuned:
         return None
     per_task = sum(t[0].numel() * t.element_size() for t in batch)
     chunk = max(2, _CPU_CHUNK_INPUT_BYTES // max(per_task, 1))
@@ -135,11 +141,17 @@ class MAML:
         loss: ``"cross_entropy"`` (classification, reports accuracy) or ``"mse"``.
         chunk_size: tasks per vectorized chunk (``vmap(chunk_size=...)``);
             ``None`` runs the whole meta-batch at once. ``"auto"`` (default):
-            the whole meta-batch on an accelerator; on the CPU, chunks of about
-            1 MiB of task inputs (4 tasks of Omniglot 5-way 1-shot, 15
-            queries), which keeps each activation tensor small enough for the
-            C allocator to reuse memory instead of page-faulting it in anew.
+            the whole meta-batch, except on the CPU with glibc left as it comes
+            (``MAML_FUNC_TUNE_MALLOC=0``, see :mod:`maml_func.system`): there
+            chunks of about 1 MiB of task inputs (4 tasks of Omniglot 5-way
+            1-shot, 15 queries), small enough for glibc to reuse memory instead
+            of page-faulting it in anew. Bounds the temporaries of a chunk, not
+            the autograd graph (see ``maml_func.meta_gradient``'s
+            ``tasks_per_backward``).
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
+            On the CPU the vectorized path calls
+            :func:`maml_func.system.auto_tune_malloc` on first use (glibc then
+            keeps freed memory for the process's lifetime; same results).
         multi_step_iterations: ``None`` meta-trains the query loss after the
             last inner step. An int turns on MAML++'s multi-step loss: the
             query losses after every inner step, weighted by
@@ -301,8 +313,10 @@ class MAML:
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"{type(self).__name__}: expected a TaskBatch, got {type(batch).__name__}")
         if self.vectorize:
-            chunk = _auto_chunk_size(batch) if self.chunk_size == "auto" else self.chunk_size
-            if batch.x_support.device.type == "cpu":
+            on_cpu = batch.x_support.device.type == "cpu"
+            tuned = auto_tune_malloc() if on_cpu else False
+            chunk = _auto_chunk_size(batch, tuned) if self.chunk_size == "auto" else self.chunk_size
+            if on_cpu:
                 batch = TaskBatch(*(_tasks_channels_last(t) for t in batch))
             return vmap(fn, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)(meta, *batch)
         per_task = [fn(meta, *task) for task in zip(*batch)]
