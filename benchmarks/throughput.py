@@ -13,8 +13,7 @@ What is measured, per workload (Omniglot-shaped tasks, Conv4, one meta-iteration
 in the same process:
 
 - ``vmap (default)``: ``maml_func.MAML`` with its default options; its
-  ``chunk_size="auto"`` resolves per device and allocator (the row shows to
-  what: one vmap, except on the CPU with ``--malloc glibc``).
+  ``chunk_size="auto"`` resolves per device (the row shows to what).
 - ``loop``: the same maths as a per-task Python loop with
   ``torch.autograd.grad(create_graph=True)``, written out here independently
   of the library (the way learn2learn and higher compute MAML), same network.
@@ -67,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.system import ENV as TUNE_MALLOC_ENV
-from maml_func.system import malloc_tuned, tune_malloc
+from maml_func.system import tune_malloc
 from maml_func.train import meta_gradient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +178,7 @@ class Runner:
         chunk = self.maml.chunk_size
         if chunk == "auto":  # resolved per batch by the library (a private helper: the row shows its choice)
             from maml_func.algorithms import maml as maml_module
-            chunk = maml_module._auto_chunk_size(self.batches[0], malloc_tuned())
+            chunk = maml_module._auto_chunk_size(self.batches[0])
         return "all" if chunk is None else str(chunk)
 
     def step(self) -> None:
@@ -423,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3; quick 2)")
     p.add_argument("--chunks", type=parse_chunks, default=None,
-                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: 4, or all with --malloc glibc on the CPU)")
+                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; quick 4)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
                         "5w-s5-1st, 20w-s1-2nd (default: all)")
@@ -439,8 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--malloc", choices=("tuned", "glibc"), default="tuned",
                    help="'tuned' (default): glibc keeps freed memory, as maml_func sets it up on the CPU, for "
-                        "every row alike; 'glibc': the allocator as it comes (MAML_FUNC_TUNE_MALLOC=0), where "
-                        "chunk_size='auto' runs small chunks")
+                        "every row alike; 'glibc': the allocator as it comes (MAML_FUNC_TUNE_MALLOC=0)")
     p.add_argument("--data", choices=("auto", "omniglot", "synthetic"), default="auto",
                    help="episodes from Omniglot (auto: when available) or synthetic tensors of the same shapes")
     p.add_argument("--data-root", default="data/omniglot", help="Omniglot archives / cache folder")
@@ -460,10 +458,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     small = args.quick or args.smoke
     repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 2 if args.quick else 3)
     device = torch.device(args.device)
-    # The contrast worth a row: the other side of what "auto" resolves to (one vmap on a GPU and on the CPU
-    # with the tuned allocator; chunks on the CPU with glibc as it comes).
+    # The contrast worth a row: on the CPU "auto" chunks, so show one whole-batch vmap; on a GPU the reverse.
     chunks = args.chunks if args.chunks is not None else (
-        [4] if small or device.type == "cuda" or args.malloc == "tuned" else [None])
+        [4] if small else [None] if device.type == "cpu" else [8])
     compile_mode = args.compile if args.compile is not None else ("first" if device.type == "cuda" else "none")
     memory_mode = args.memory if args.memory is not None else ("rows" if args.quick else "all")
     curve_chunks = args.curve_chunks if args.curve_chunks is not None else (

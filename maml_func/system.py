@@ -7,8 +7,7 @@ spends a large share of each iteration in page faults (``benchmarks/README.md``,
 :func:`auto_tune_malloc` the first time it runs on the CPU, which applies
 :func:`tune_malloc` once per process. Set the environment variable
 ``MAML_FUNC_TUNE_MALLOC=0`` (or pass ``--no-tune-malloc`` to ``maml-func``)
-to leave the allocator alone; ``chunk_size="auto"`` then picks small chunks
-instead, which fault less.
+to leave the allocator alone (results are the same either way).
 """
 
 from __future__ import annotations

@@ -83,27 +83,26 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
     return [early] * (steps - 1) + [1.0 - early * (steps - 1)]
 
 
-# chunk_size="auto" on the CPU depends on the C allocator. With glibc as it
-# comes, 1 MiB of task inputs per chunk: a vmapped chunk's activations are about
-# 16x its inputs for a Conv4 (64 channels at a quarter of the pixels), which
-# keeps each activation well under glibc's 32 MiB mmap ceiling; above it every
-# tensor is a fresh mmap whose pages fault in anew at every use (2.4 s of page
-# faults in a 2.9 s meta-iteration of one vmap over T=32, 2 cores). Chunks of 4
-# (this size for Omniglot 5-way 1-shot, 15 queries) were the fastest there. Once
-# glibc keeps freed memory (maml_func.system.tune_malloc, applied automatically
-# by the vectorized CPU path unless MAML_FUNC_TUNE_MALLOC=0) nothing faults and
-# one vmap over the meta-batch is the fastest (2026-11-25, tuned, T=32: 377 ms
-# against 400 ms for chunks of 4 at S=1 second order, 271 against 302 ms first
-# order, 420 against 509 ms at S=5 first order). At least 2 tasks a chunk: a
-# chunk of one pays vmap's overhead for nothing.
+# chunk_size="auto" on the CPU: 1 MiB of task inputs per chunk. A vmapped
+# chunk's activations are about 16x its inputs for a Conv4 (64 channels at a
+# quarter of the pixels), which keeps each activation well under glibc's 32 MiB
+# mmap ceiling; with glibc as it comes every tensor above it is a fresh mmap
+# whose pages fault in anew at every use (2.4 s of page faults in a 2.9 s
+# meta-iteration of one vmap over T=32, 2 cores), and chunks of 4 (this size for
+# Omniglot 5-way 1-shot, 15 queries) were the fastest. With glibc tuned
+# (maml_func.system, applied automatically) nothing faults, and chunks of 4 and
+# one vmap over the meta-batch ran within noise of each other over the five
+# standard workloads (2026-11-25, two runs: 2.99 s against 2.83 s and 2.92 s
+# against 3.00 s in sum), the chunks with ~600 MiB less peak memory at S=5: so
+# the same rule either way, and results that do not depend on the allocator.
+# At least 2 tasks a chunk: a chunk of one pays vmap's overhead for nothing.
 _CPU_CHUNK_INPUT_BYTES = 2**20
 
 
-def _auto_chunk_size(batch: TaskBatch, malloc_tuned: bool = False) -> int | None:
-    """``chunk_size="auto"``: one vmap (``None``) off the CPU or when the allocator keeps freed memory; else ~1 MiB
-    of task inputs per chunk."""
+def _auto_chunk_size(batch: TaskBatch) -> int | None:
+    """``chunk_size="auto"``: ``None`` (one vmap) off the CPU; on the CPU, ~1 MiB of task inputs per chunk."""
     tasks = batch.num_tasks
-    if batch.x_support.device.type != "cpu" or tasks == 0 or malloc_tuned:
+    if batch.x_support.device.type != "cpu" or tasks == 0:
         return None
     per_task = sum(t[0].numel() * t.element_size() for t in batch)
     chunk = max(2, _CPU_CHUNK_INPUT_BYTES // max(per_task, 1))
@@ -141,11 +140,10 @@ class MAML:
         loss: ``"cross_entropy"`` (classification, reports accuracy) or ``"mse"``.
         chunk_size: tasks per vectorized chunk (``vmap(chunk_size=...)``);
             ``None`` runs the whole meta-batch at once. ``"auto"`` (default):
-            the whole meta-batch, except on the CPU with glibc left as it comes
-            (``MAML_FUNC_TUNE_MALLOC=0``, see :mod:`maml_func.system`): there
-            chunks of about 1 MiB of task inputs (4 tasks of Omniglot 5-way
-            1-shot, 15 queries), small enough for glibc to reuse memory instead
-            of page-faulting it in anew. Bounds the temporaries of a chunk, not
+            the whole meta-batch on an accelerator; on the CPU, chunks of about
+            1 MiB of task inputs (4 tasks of Omniglot 5-way 1-shot, 15
+            queries), small enough for glibc to reuse memory instead of
+            page-faulting it in anew even when it is not tuned. Bounds the temporaries of a chunk, not
             the autograd graph (see ``maml_func.meta_gradient``'s
             ``tasks_per_backward``).
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
@@ -313,10 +311,9 @@ class MAML:
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"{type(self).__name__}: expected a TaskBatch, got {type(batch).__name__}")
         if self.vectorize:
-            on_cpu = batch.x_support.device.type == "cpu"
-            tuned = auto_tune_malloc() if on_cpu else False
-            chunk = _auto_chunk_size(batch, tuned) if self.chunk_size == "auto" else self.chunk_size
-            if on_cpu:
+            chunk = _auto_chunk_size(batch) if self.chunk_size == "auto" else self.chunk_size
+            if batch.x_support.device.type == "cpu":
+                auto_tune_malloc()
                 batch = TaskBatch(*(_tasks_channels_last(t) for t in batch))
             return vmap(fn, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)(meta, *batch)
         per_task = [fn(meta, *task) for task in zip(*batch)]
