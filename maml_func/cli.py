@@ -84,7 +84,7 @@ _CONFIG_FLAGS: list[tuple[str, Any, str | None, str]] = [
     ("inner_steps", int, "S", "inner steps at meta-training (default: 1)"),
     ("eval_inner_steps", int, "S", "inner steps at validation and test (default: 3)"),
     ("hidden", int, "C", "filters per Conv4 block (default: 64)"),
-    ("chunk_size", _chunk_size, "T|none|auto", "tasks per vmap chunk, bounds memory; none: the whole meta-batch "
+    ("chunk_size", _chunk_size, "T|none|auto", "tasks per vmap chunk, bounds a chunk's temporaries; none: the whole meta-batch "
      "(default: auto, the fastest chunks on the CPU, the whole meta-batch on a GPU)"),
     ("tasks_per_backward", _optional_int, "N|none", "one backward per N tasks, gradients summed: peak memory "
      "grows with N, not the meta-batch (default: none, one backward)"),

@@ -143,9 +143,9 @@ class MAML:
             the whole meta-batch on an accelerator; on the CPU, chunks of about
             1 MiB of task inputs (4 tasks of Omniglot 5-way 1-shot, 15
             queries), small enough for glibc to reuse memory instead of
-            page-faulting it in anew even when it is not tuned. Bounds the temporaries of a chunk, not
-            the autograd graph (see ``maml_func.meta_gradient``'s
-            ``tasks_per_backward``).
+            page-faulting it in anew even when it is not tuned. Bounds the
+            temporaries of a chunk, not the autograd graph (see
+            ``maml_func.meta_gradient``'s ``tasks_per_backward``).
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
             On the CPU the vectorized path calls
             :func:`maml_func.system.auto_tune_malloc` on first use (glibc then
