@@ -148,7 +148,8 @@ def test_the_vectorized_cpu_path_tunes_malloc_once_unless_told_not_to(setting):
     code = ("from maml_func import MAML, MLP, sample_sinusoid_tasks\n"
             "from maml_func.system import malloc_tuned\n"
             "before = malloc_tuned()\n"
-            "MAML(MLP(), loss='mse').meta_loss(MAML(MLP(), loss='mse').init(), sample_sinusoid_tasks(4))\n"
+            "maml = MAML(MLP(), loss='mse')\n"
+            "maml.meta_loss(maml.init(), sample_sinusoid_tasks(4))\n"
             "print(before, malloc_tuned())\n")
     env = {k: v for k, v in os.environ.items() if k != "MAML_FUNC_TUNE_MALLOC"}
     if setting is not None:
