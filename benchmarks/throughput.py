@@ -15,8 +15,10 @@ in the same process:
 - ``vmap (default)``: ``maml_func.MAML`` with its default options; its
   ``chunk_size="auto"`` resolves per device (the row shows to what).
 - ``loop``: the same maths as a per-task Python loop with
-  ``torch.autograd.grad(create_graph=True)``, written out here independently
-  of the library (the way learn2learn and higher compute MAML), same network.
+  ``torch.autograd.grad(create_graph=True)``: ``maml_func.reference.loop_meta_loss``,
+  written independently of the library's functional core (the way
+  per-task-loop libraries such as learn2learn and higher compute MAML), same
+  network, same inner step size.
 - ``vmap chunk=N``: the vectorized path with an explicit ``chunk_size``
   (``all`` = the whole meta-batch in one ``vmap``).
 - ``compiled``: ``torch.compile`` of the vectorized meta-loss over the whole
@@ -33,7 +35,7 @@ memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh subprocess
 running the same configuration, and its rise over the set-up), and on the CPU
 the minor page faults per iteration (see ``--malloc``). Finally the memory
 curve of a second-order S=5 meta-batch against ``chunk_size``, and against
-``tasks_per_backward`` (``maml_func.train.meta_gradient``: one backward per part
+``tasks_per_backward`` (``maml_func.meta_gradient``: one backward per part
 of the meta-batch, gradients summed), the option that bounds the peak.
 
 Output: a table, and with ``--json PATH`` one JSON object per line
@@ -59,15 +61,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from maml_func import MAML, Conv4, TaskBatch
+from maml_func import MAML, Conv4, TaskBatch, meta_gradient
+from maml_func.batching import auto_chunk_size
+from maml_func.reference import loop_meta_loss
 from maml_func.system import ENV as TUNE_MALLOC_ENV
 from maml_func.system import tune_malloc
-from maml_func.train import meta_gradient
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "omniglot"
@@ -107,26 +108,6 @@ def standard_workloads(quick: bool, smoke: bool) -> list[Workload]:
     return five + [Workload(20, 1, 15, 16, 1, False)]
 
 
-# ----------------------------------------------------------------------------- the per-task loop
-def loop_meta_loss(model: torch.nn.Module, params: dict[str, Tensor], batch: TaskBatch, steps: int,
-                   first_order: bool) -> Tensor:
-    """MAML as a Python loop over tasks, ``torch.autograd.grad`` in the inner loop.
-
-    Independent of ``maml_func``'s functional core on purpose: it is the
-    baseline, written the way per-task-loop libraries (learn2learn, higher) do it.
-    """
-    names = list(params)
-    losses = []
-    for xs, ys, xq, yq in zip(*batch):
-        fast = [params[n] for n in names]
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (xs,)), ys)
-            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [p - INNER_LR * g for p, g in zip(fast, grads)]
-        losses.append(F.cross_entropy(functional_call(model, dict(zip(names, fast)), (xq,)), yq))
-    return torch.stack(losses).mean()
-
-
 # ----------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Method:
@@ -163,7 +144,8 @@ class Runner:
         loss_fn: Callable[[TaskBatch], Tensor]
         if method.kind == "loop":
             def loss_fn(b: TaskBatch) -> Tensor:
-                return loop_meta_loss(self.model, self.meta["model"], b, wl.steps, wl.first_order)
+                return loop_meta_loss(self.model, self.meta["model"], b, inner_lr=INNER_LR, steps=wl.steps,
+                                      first_order=wl.first_order)
         else:
             def loss_fn(b: TaskBatch) -> Tensor:
                 return self.maml.meta_loss(self.meta, b)[0]
@@ -176,9 +158,8 @@ class Runner:
         if self.method.kind == "loop":
             return "-"
         chunk = self.maml.chunk_size
-        if chunk == "auto":  # resolved per batch by the library (a private helper: the row shows its choice)
-            from maml_func.algorithms import maml as maml_module
-            chunk = maml_module._auto_chunk_size(self.batches[0])
+        if chunk == "auto":  # resolved per batch by the library's execution policy: the row shows its choice
+            chunk = auto_chunk_size(self.batches[0])
         return "all" if chunk is None else str(chunk)
 
     def step(self) -> None:

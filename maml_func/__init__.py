@@ -6,7 +6,7 @@ plain dicts through ``torch.func.functional_call``; the inner loop is a
 tasks in one vectorized pass.
 """
 
-from maml_func.algorithms import ALGORITHMS, MAML, Reptile, build, multi_step_weights
+from maml_func.algorithms import ALGORITHMS, MAML, Algorithm, Reptile, build, multi_step_weights
 from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt, adapt_trajectory, lslr, meta_sgd, sgd
 from maml_func.models import MLP, Conv4, TaskBatchNorm
@@ -15,12 +15,17 @@ from maml_func.data import ImageClasses, load_dataset
 from maml_func.tasks import EpisodeSampler, TaskBatch
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult, evaluate
-from maml_func.train import TrainResult, evaluate_run, fit, load_run, meta_gradient
+from maml_func.batching import map_tasks
+from maml_func.state import Checkpoint, TrainState
+from maml_func.step import meta_gradient, train_step
+from maml_func.train import TrainResult, evaluate_run, fit, load_run
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
+    "Algorithm",
+    "Checkpoint",
     "MAML",
     "MLP",
     "Conv4",
@@ -35,6 +40,7 @@ __all__ = [
     "TaskBatchNorm",
     "TrainConfig",
     "TrainResult",
+    "TrainState",
     "__version__",
     "accuracy",
     "adapt",
@@ -49,6 +55,7 @@ __all__ = [
     "load_run",
     "lslr",
     "make_config",
+    "map_tasks",
     "meta_gradient",
     "meta_sgd",
     "multi_step_weights",
@@ -56,4 +63,5 @@ __all__ = [
     "partition",
     "sample_sinusoid_tasks",
     "sgd",
+    "train_step",
 ]

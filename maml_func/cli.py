@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 128 + 2
 
 
 def _version() -> str:
@@ -54,87 +54,68 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), _option_value(value)
 
 
-def _optional_int(text: str) -> int | None:
-    if text.lower() in ("none", "null", ""):
-        return None
-    return int(text)
+def _or_none(parse: Any) -> Any:
+    """A flag value parser that also takes ``none`` (or an empty string) for ``None``."""
+    def parse_or_none(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null", "") else parse(text)
+    parse_or_none.__name__ = f"{parse.__name__}_or_none"  # argparse names it in "invalid ... value"
+    return parse_or_none
 
 
 def _chunk_size(text: str) -> int | str | None:
-    return "auto" if text.lower() == "auto" else _optional_int(text)
+    return "auto" if text.lower() == "auto" else _or_none(int)(text)
 
 
-# (field, type, metavar, help); bools become --flag/--no-flag.
-_CONFIG_FLAGS: list[tuple[str, Any, str | None, str]] = [
-    ("dataset", str, "omniglot|PATH", "'omniglot' or an ImageFolder tree (one sub-folder of images per class)"),
-    ("data_root", str, "DIR", "where Omniglot is downloaded and cached (default: data)"),
-    ("source", str, "DIR_OR_ZIPS", "offline Omniglot: a folder with images_background.zip and images_evaluation.zip"),
-    ("download", bool, None, "download Omniglot when it is not in --data-root (default: on)"),
-    ("image_size", int, "PX", "resize images to PX x PX (default: 28)"),
-    ("channels", _optional_int, "1|3", "image channels (default: the dataset's)"),
-    ("split", str, "NAME", "Omniglot class split (default: maml, 1200 train / 423 test characters)"),
-    ("split_seed", int, "N", "seed of the class split of an ImageFolder tree (default: 0)"),
-    ("n_way", int, "N", "classes per task (default: 5)"),
-    ("k_shot", int, "K", "support images per class (default: 1)"),
-    ("n_query", int, "Q", "query images per class (default: 5)"),
-    ("rotations", bool, None, "rotate each class by a random multiple of 90 degrees (default: off)"),
-    ("algorithm", str, "NAME", "maml, fomaml, anil, metasgd, mamlpp or reptile (default: maml)"),
-    ("first_order", bool, None, "first-order MAML: detach the inner gradients (default: off)"),
-    ("inner_lr", float, "LR", "inner SGD step size (default: 0.4)"),
-    ("inner_steps", int, "S", "inner steps at meta-training (default: 1)"),
-    ("eval_inner_steps", int, "S", "inner steps at validation and test (default: 3)"),
-    ("hidden", int, "C", "filters per Conv4 block (default: 64)"),
-    ("chunk_size", _chunk_size, "T|none|auto", "tasks per vmap chunk, bounds a chunk's temporaries; none: the whole meta-batch "
-     "(default: auto, the fastest chunks on the CPU, the whole meta-batch on a GPU)"),
-    ("tasks_per_backward", _optional_int, "N|none", "one backward per N tasks, gradients summed: peak memory "
-     "grows with N, not the meta-batch (default: none, one backward)"),
-    ("meta_batch", int, "T", "tasks per meta-update (default: 32)"),
-    ("meta_lr", float, "LR", "Adam step size (default: 0.001)"),
-    ("lr_schedule", str, "constant|cosine", "cosine: decay meta_lr along half a cosine to "
-     "final_lr_factor * meta_lr at the last iteration (default: constant)"),
-    ("final_lr_factor", float, "F", "where the cosine schedule ends, as a fraction of meta_lr (default: 0.05)"),
-    ("iterations", int, "N", "meta-updates in total (default: 2000)"),
-    ("max_minutes", float, "MIN", "stop after MIN minutes of wall time, with a checkpoint to resume from"),
-    ("seed", int, "N", "seed of the initialization and the training tasks (default: 0)"),
-    ("device", str, "DEV", "auto, cpu, cuda, cuda:1, ... (default: auto)"),
-    ("dtype", str, "T", "float32 or float64 (default: float32)"),
-    ("distributed", bool, None, "data-parallel over torch.distributed ranks; launch under torchrun "
-     "(default: off)"),
-    ("save_to", str, "DIR", "run directory (default: runs/<dataset>-<N>w<K>s-<algorithm>-seed<seed>)"),
-    ("val_every", int, "N", "validate every N iterations, 0: only at the end (default: 500)"),
-    ("val_tasks", int, "N", "tasks per validation (default: 200)"),
-    ("save_every", int, "N", "write last.pt every N iterations (default: 100)"),
-    ("log_every", int, "N", "write a metrics line every N iterations (default: 10)"),
-]
-_FIELDS = [name for name, *_ in _CONFIG_FLAGS] + ["algorithm_options"]
+# How a field's annotation is read from the command line (bools are --flag/--no-flag, dicts KEY=VALUE pairs).
+_PARSERS: dict[str, Any] = {"str": str, "int": int, "float": float, "int | None": _or_none(int),
+                            "float | None": _or_none(float), "int | str | None": _chunk_size}
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None) -> None:
-    from maml_func.config import PRESETS
+def _path_or_none(text: str) -> str | None:
+    return text or None
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~maml_func.config.TrainConfig` field, its help and default from the field itself."""
+    import dataclasses
+
+    from maml_func.config import PRESETS, TrainConfig, describe_default
 
     group = parser.add_argument_group("run configuration (flags override --config, which overrides --preset)")
     group.add_argument("--preset", choices=list(PRESETS), metavar="NAME",
                        help=f"start from a named setting: {', '.join(PRESETS)}")
     group.add_argument("--config", metavar="FILE", help="a TOML or JSON file of config keys (e.g. n_way = 5)")
-    for name, kind, metavar, text in _CONFIG_FLAGS:
-        if only is not None and name not in only:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"{f.metadata['help']} (default: {describe_default(default)})".replace("%", "%%")
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        elif f.type.startswith("dict"):
+            group.add_argument(flag, dest=f.name, type=_key_value, action="append",
+                               metavar=f.metadata["metavar"], help=text)
         else:
-            group.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
-    if only is None or "algorithm_options" in only:
-        group.add_argument("--algorithm-option", dest="algorithm_options", type=_key_value, action="append",
-                           metavar="KEY=VALUE", help="an extra option of the algorithm (repeatable), e.g. "
-                           "multi_step_iterations=500")
+            parse = _path_or_none if f.type == "str | None" else _PARSERS[f.type]
+            group.add_argument(flag, dest=f.name, type=parse, metavar=f.metadata["metavar"], help=text)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    from maml_func.config import TrainConfig
+
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     if "algorithm_options" in values:
         values["algorithm_options"] = dict(values["algorithm_options"])
     return values
+
+
+def _command(commands: Any, name: str, summary: str, description: str, examples: Sequence[str] = (),
+             **options: Any) -> argparse.ArgumentParser:
+    """A subcommand with its one-line ``summary``, ``--help`` text, examples and ``--version``."""
+    epilog = "examples:\n" + "".join(f"  {e}\n" for e in examples) if examples else None
+    command = commands.add_parser(name, help=summary, description=description, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, **options)
+    command.add_argument("--version", action="version", version=_version())
+    return command
 
 
 def _build_parser() -> _Parser:
@@ -143,15 +124,13 @@ def _build_parser() -> _Parser:
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    train = commands.add_parser(
-        "train", help="meta-train on Omniglot or an ImageFolder tree", argument_default=argparse.SUPPRESS,
-        description="Meta-train a Conv4 with MAML (or another algorithm) and write last.pt, best.pt, "
-                    "metrics.jsonl and learning_curve.png to the run directory.",
-        epilog="examples:\n  maml-func train --preset omniglot-5w1s --iterations 3000 --save-to runs/5w1s\n"
-               "  maml-func train --dataset path/to/folders --n-way 5 --k-shot 1 --image-size 32\n"
-               "  maml-func train --resume runs/5w1s --iterations 6000",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--version", action="version", version=_version())
+    train = _command(
+        commands, "train", "meta-train on Omniglot or an ImageFolder tree",
+        "Meta-train a Conv4 with MAML (or another algorithm) and write last.pt, best.pt, metrics.jsonl and "
+        "learning_curve.png to the run directory.",
+        ["maml-func train --preset omniglot-5w1s --iterations 3000 --save-to runs/5w1s",
+         "maml-func train --dataset path/to/folders --n-way 5 --k-shot 1 --image-size 32",
+         "maml-func train --resume runs/5w1s --iterations 6000"], argument_default=argparse.SUPPRESS)
     _add_config_flags(train)
     train.add_argument("--resume", metavar="RUN_OR_CKPT",
                        help="continue a run exactly from its last.pt (a run directory or a checkpoint file)")
@@ -162,18 +141,14 @@ def _build_parser() -> _Parser:
                        help="make glibc keep freed memory: faster on the CPU, same maths (default: on; off is "
                             "the same as MAML_FUNC_TUNE_MALLOC=0)")
 
-    ev = commands.add_parser(
-        "eval", help="evaluate a checkpoint (or an untrained model) on held-out classes",
-        argument_default=argparse.SUPPRESS,
-        description="The standard few-shot protocol: tasks from held-out classes (600 by default), mean query "
-                    "accuracy with a 95%% confidence interval after each inner step. Defaults to the checkpoint's "
-                    "config and its meta-test classes; without --checkpoint, evaluates a freshly initialized "
-                    "model (the baseline).",
-        epilog="examples:\n  maml-func eval --checkpoint runs/5w1s\n"
-               "  maml-func eval --checkpoint runs/5w1s/best.pt --tasks 600 --steps 3 --json\n"
-               "  maml-func eval --preset omniglot-5w1s           # untrained baseline",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--version", action="version", version=_version())
+    ev = _command(
+        commands, "eval", "evaluate a checkpoint (or an untrained model) on held-out classes",
+        "The standard few-shot protocol: tasks from held-out classes (600 by default), mean query accuracy with a "
+        "95%% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
+        "classes; without --checkpoint, evaluates a freshly initialized model (the baseline).",
+        ["maml-func eval --checkpoint runs/5w1s",
+         "maml-func eval --checkpoint runs/5w1s/best.pt --tasks 600 --steps 3 --json",
+         "maml-func eval --preset omniglot-5w1s           # untrained baseline"], argument_default=argparse.SUPPRESS)
     ev.add_argument("--checkpoint", metavar="PATH", help="a checkpoint, or a run directory (its best.pt, else last.pt)")
     ev.add_argument("--classes", choices=("test", "val", "train"), default="test",
                     help="which classes to draw tasks from (default: test, the meta-test classes)")
@@ -186,26 +161,24 @@ def _build_parser() -> _Parser:
                     help="show a progress bar (default: on)")
     _add_config_flags(ev)
 
-    dl = commands.add_parser(
-        "download", help="fetch and verify Omniglot (or copy it from an offline source)",
-        description="Download the two Omniglot archives (images_background, images_evaluation), check their md5 "
-                    "sums and unpack them under --root; with --source, copy them from a folder instead.")
-    dl.add_argument("--version", action="version", version=_version())
+    dl = _command(commands, "download", "fetch and verify Omniglot (or copy it from an offline source)",
+                  "Download the two Omniglot archives (images_background, images_evaluation), check their md5 sums "
+                  "and unpack them under --root; with --source, copy them from a folder instead.")
     dl.add_argument("--root", required=True, metavar="DIR", help="where to put Omniglot (pass the same as --data-root)")
     dl.add_argument("--source", metavar="DIR_OR_ZIPS",
                     help="an offline copy: a folder holding images_background.zip and images_evaluation.zip")
 
-    demo = commands.add_parser("demo", help="meta-learn the sinusoid family of the MAML paper (seconds on a CPU)",
-                               description="Meta-train the MAML paper's sinusoid regression MLP and print the "
-                                           "query error of held-out tasks before and after adaptation.")
-    demo.add_argument("--version", action="version", version=_version())
+    demo = _command(commands, "demo", "meta-learn the sinusoid family of the MAML paper (seconds on a CPU)",
+                    "Meta-train the MAML paper's sinusoid regression MLP and print the query error of held-out "
+                    "tasks before and after adaptation.")
     demo.add_argument("--iterations", type=int, default=600, metavar="N", help="meta-updates (default: 600)")
     demo.add_argument("--seed", type=int, default=0, metavar="N", help="seed (default: 0)")
     return parser
 
 
 def _fail(prog: str, message: str, status: int = EXIT_USAGE) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    one_line = " ".join(message.split())  # the promise is one line, whatever a library's error text holds
+    print(f"{prog}: error: {one_line}", file=sys.stderr)
     return status
 
 
@@ -219,26 +192,23 @@ _OFFLINE_HINT = ("Offline? Pass --source DIR (a folder holding images_background
 
 
 def _train(args: argparse.Namespace) -> int:
-    from maml_func.checkpoint import load_checkpoint
     from maml_func.config import make_config
-    from maml_func.train import checkpoint_path
+    from maml_func.state import Checkpoint
+    from maml_func.train import check_run_directory
 
     prog = "maml-func train"
     overrides = _overrides(args)
-    resume = getattr(args, "resume", None)
+    resume = None
     try:
-        if resume is not None:
-            checkpoint = checkpoint_path(resume)
-            state = load_checkpoint(checkpoint)
-            overrides.setdefault("save_to", str(checkpoint.parent))
-            config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None),
-                                 base=state.get("config", {}), **overrides)
-        else:
-            config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None),
-                                 **overrides)
-            if config.save_to is None:
-                config = config.replace(save_to=_default_run_dir(config))
+        if getattr(args, "resume", None) is not None:
+            resume = Checkpoint.read(args.resume, origin="fit")  # read once: the config here, the state in fit
+            overrides.setdefault("save_to", str(resume.path.parent))
+        config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None),
+                             base=resume.config if resume is not None else None, **overrides)
+        if config.save_to is None:
+            config = config.replace(save_to=_default_run_dir(config))
         config.check_paths()
+        check_run_directory(config, resume)
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(prog, str(err))
 
@@ -292,7 +262,7 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
     os._exit(code)
 
 
-def _fit_and_report(prog: str, config: Any, resume: str | None, progress: bool, main: bool) -> int:
+def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool) -> int:
     from maml_func.distributed import DistributedError
     from maml_func.train import NonFiniteLossError, TrainingInterrupted, fit
 
@@ -327,18 +297,18 @@ def _describe(config: Any) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from maml_func.checkpoint import load_checkpoint
     from maml_func.config import make_config
-    from maml_func.train import checkpoint_path, evaluate_run
+    from maml_func.state import Checkpoint
+    from maml_func.train import evaluate_run
 
     prog = "maml-func eval"
     overrides = _overrides(args)
-    checkpoint = getattr(args, "checkpoint", None)
+    checkpoint = None
     try:
         base: dict[str, Any] = {}
-        if checkpoint is not None:
-            checkpoint = checkpoint_path(checkpoint, prefer_best=True)
-            base = dict(load_checkpoint(checkpoint).get("config", {}))
+        if getattr(args, "checkpoint", None) is not None:
+            checkpoint = Checkpoint.read(args.checkpoint, prefer_best=True, origin="evaluate_run")
+            base = checkpoint.config
             base.pop("save_to", None)
         config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None), base=base,
                              **overrides)
@@ -351,7 +321,7 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(prog, str(err))
     if args.json:
-        print(json.dumps({**result.to_dict(), "checkpoint": str(checkpoint) if checkpoint else None,
+        print(json.dumps({**result.to_dict(), "checkpoint": str(checkpoint.path) if checkpoint else None,
                           "classes": args.classes}, indent=2))
     else:
         per_step = "  ".join(f"{s}:{100 * a:.1f}%" for s, a in enumerate(result.accuracy))
@@ -361,6 +331,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
+    from maml_func.atomic import removed_on_failure
     from maml_func.data import download_omniglot
 
     prog = "maml-func download"
@@ -368,7 +339,8 @@ def _download(args: argparse.Namespace) -> int:
         return _fail(prog, f"--source {args.source!r} does not exist; pass the folder holding "
                            "images_background.zip and images_evaluation.zip")
     try:
-        path = download_omniglot(args.root, source=args.source)
+        with removed_on_failure(args.root):  # a failed download or copy leaves no empty or partial root
+            path = download_omniglot(args.root, source=args.source)
     except ConnectionError as err:
         return _fail(prog, f"{err}. {_OFFLINE_HINT}", EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
@@ -447,4 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return {"train": _train, "eval": _eval, "download": _download, "demo": _demo}[args.command](args)
+    command = {"train": _train, "eval": _eval, "download": _download, "demo": _demo}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training after its iteration), or one before
+        return _fail(f"maml-func {args.command}", "interrupted; stopped at once (checkpoints are written atomically, "
+                     "so the last one saved stays valid)", EXIT_INTERRUPTED)

@@ -1,18 +1,17 @@
-"""The configuration of one meta-training run: :class:`TrainConfig`, presets, config files.
+"""The configuration of one meta-training run: :class:`TrainConfig`, config files, :func:`make_config`.
 
 A run is described by one frozen dataclass, validated when it is made, so a bad
-value fails before any data is read or any file is written. Values come, from
-lowest to highest precedence, from the dataclass defaults, a preset
-(:data:`PRESETS`), a TOML or JSON config file, and explicit overrides
-(the command line): :func:`make_config` applies them in that order.
+value fails before any data is read or any file is written. Each field is
+declared once, with :func:`option`: its default, its help text, its group, its
+check and whether a resumed run may change it. The class docstring, the
+command line's flags with their help and defaults (:mod:`maml_func.cli`) and
+:data:`RESUMABLE_FIELDS` are all generated from those declarations, so a new
+option is one edit and the three cannot drift apart.
 
-The four Omniglot presets follow Finn et al. 2017 (§5.2 and the authors' code):
-28×28 images, the 1200/423 character split, every class rotated by a multiple
-of 90°, Adam at 1e-3; 5-way: meta-batch 32, one inner SGD step of 0.4 at
-training and three at test; 20-way: meta-batch 16, five steps of 0.1 at
-training and test. The authors' code draws as many query images per class as
-support images (``n_query = k_shot``). They live in one table so that they can
-be tuned in one place.
+Values come, from lowest to highest precedence, from the dataclass defaults, a
+preset (:data:`~maml_func.presets.PRESETS`), a TOML or JSON config file, and
+explicit overrides (the command line): :func:`make_config` applies them in
+that order.
 """
 
 from __future__ import annotations
@@ -20,113 +19,102 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "TrainConfig", "load_config_file", "make_config"]
+from maml_func import checks
+from maml_func.presets import PRESETS
 
-_OMNIGLOT_PAPER: dict[str, Any] = {
-    "dataset": "omniglot",
-    "split": "maml",
-    "image_size": 28,
-    "rotations": True,
-    "meta_lr": 1e-3,
-    "iterations": 60_000,
-}
+__all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "load_config_file", "make_config", "option"]
 
-#: Named settings, applied over the defaults and under config files and flags.
-PRESETS: dict[str, dict[str, Any]] = {
-    "omniglot-5w1s": {**_OMNIGLOT_PAPER, "n_way": 5, "k_shot": 1, "n_query": 1, "meta_batch": 32,
-                      "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4},
-    "omniglot-5w5s": {**_OMNIGLOT_PAPER, "n_way": 5, "k_shot": 5, "n_query": 5, "meta_batch": 32,
-                      "inner_steps": 1, "eval_inner_steps": 3, "inner_lr": 0.4},
-    "omniglot-20w1s": {**_OMNIGLOT_PAPER, "n_way": 20, "k_shot": 1, "n_query": 1, "meta_batch": 16,
-                       "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1},
-    "omniglot-20w5s": {**_OMNIGLOT_PAPER, "n_way": 20, "k_shot": 5, "n_query": 5, "meta_batch": 16,
-                       "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.1},
-}
-
+#: The groups of :class:`TrainConfig`'s fields, in the order the docs and ``--help`` show them.
+GROUPS = ("Data", "Tasks", "Algorithm", "Optimization", "Output")
+_WHERE = "TrainConfig"
 _DTYPES = ("float32", "float64")
 _SCHEDULES = ("constant", "cosine")
+_STEP_HINT = "; a step size is > 0 (e.g. inner_lr=0.4, meta_lr=0.001)"
 
-# Fields a resumed run may change: none of them touches the training trajectory
-# (validation draws from its own generator, saving and logging read nothing random).
-RESUMABLE_FIELDS = frozenset(
-    {"iterations", "max_minutes", "device", "save_to", "val_every", "val_tasks", "save_every", "log_every",
-     "data_root", "source", "download", "tasks_per_backward"}
-)
+Check = Callable[[str, str, Any], Any]
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str, check: Check | None = None,
+           resumable: bool = False, metavar: str | None = None, flag: str | None = None,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A :class:`TrainConfig` field with everything said about it in one place.
+
+    Args:
+        default: the default value (``factory`` for a mutable one).
+        help: one line for the docs and ``--help``; the default is appended there.
+        group: one of :data:`GROUPS`.
+        check: ``check(where, name, value)`` raises a ``ValueError`` that names
+            the field, the value and the fix (see :mod:`maml_func.checks`).
+        resumable: a resumed run may change it (it does not touch the trajectory).
+        metavar: the value's placeholder on the command line.
+        flag: the command-line flag, when it is not ``--`` and the name with ``-`` for ``_``.
+        factory: makes the default, for a mutable one (a dict).
+    """
+    assert group in GROUPS, group
+    metadata = {"help": help, "group": group, "check": check, "resumable": resumable, "metavar": metavar,
+                "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _int(minimum: int, hint: str = "", *, none_ok: bool = False) -> Check:
+    def check(where: str, name: str, value: Any) -> Any:
+        if none_ok and value is None:
+            return None
+        return checks.integer(where, name, value, minimum=minimum, hint=hint)
+    return check
+
+
+def _positive(hint: str = "", *, none_ok: bool = False, expect: str | None = None) -> Check:
+    def check(where: str, name: str, value: Any) -> Any:
+        return checks.number(where, name, value, positive=True, none_ok=none_ok, expect=expect, hint=hint)
+    return check
+
+
+def _one_of(options: tuple[Any, ...], expect: str | None = None) -> Check:
+    def check(where: str, name: str, value: Any) -> Any:
+        return checks.choice(where, name, value, options, expect=expect)
+    return check
+
+
+def _text(*, none_ok: bool = False) -> Check:
+    def check(where: str, name: str, value: Any) -> Any:
+        return checks.text(where, name, value, none_ok=none_ok,
+                           expect="a string (a path) or None" if none_ok else None)
+    return check
+
+
+def _chunk_size(where: str, name: str, value: Any) -> Any:
+    return value if value in (None, "auto") else _int(1, "; or None (one vmap) or 'auto'")(where, name, value)
+
+
+def _device(where: str, name: str, value: Any) -> Any:
+    checks.text(where, name, value)
+    if not (value in ("auto", "cpu") or value.startswith(("cuda", "mps", "xpu"))):
+        checks.fail(where, name, "'auto', 'cpu', 'cuda' or 'cuda:<index>'", value)
+    return value
+
+
+def _table(where: str, name: str, value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        checks.fail(where, name, "a table of keyword arguments for maml_func.build", value)
+    return value
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a meta-training run. Frozen; checked on creation.
 
-    Data:
-        dataset: ``"omniglot"``, or the path of an ImageFolder tree (one
-            sub-folder of images per class), split by class into train/val/test.
-        data_root: where the Omniglot archives and caches live.
-        source: an offline copy of Omniglot (a folder, or the folder holding
-            ``images_background.zip`` and ``images_evaluation.zip``).
-        download: fetch Omniglot into ``data_root`` when it is not there.
-        image_size: images are resized to ``image_size × image_size``.
-        channels: 1 (grayscale) or 3 (RGB); ``None`` keeps the dataset's own.
-        split: class split of Omniglot (``"maml"``: 1200 train / 423 test characters).
-        split_seed: seed of the class split of an ImageFolder tree (kept apart
-            from ``seed`` so that runs with different seeds share a test set).
+    The fields, by group (generated from their declarations below):
 
-    Tasks:
-        n_way, k_shot, n_query: classes per task, support and query images per class.
-        rotations: rotate each class of a task by a random multiple of 90°.
-
-    Algorithm:
-        algorithm: a name of :data:`maml_func.ALGORITHMS` (``"maml"``, ``"fomaml"``, ...).
-        algorithm_options: extra keyword arguments for :func:`maml_func.build`.
-        first_order: detach the inner gradients (first-order MAML).
-        inner_lr: inner SGD step size. inner_steps: inner steps at meta-training.
-        eval_inner_steps: inner steps at validation and test.
-        hidden: filters per :class:`~maml_func.Conv4` block.
-        chunk_size: tasks per ``vmap`` chunk (``None``: the whole meta-batch;
-            ``"auto"``: the whole meta-batch on a GPU, ~1 MiB of task inputs
-            per chunk on the CPU, the fastest there); bounds the temporaries
-            of one chunk.
-        tasks_per_backward: ``None``: one backward over the meta-batch. An int
-            bounds peak memory by that many tasks' autograd graphs (one backward
-            per part, gradients summed; see :func:`maml_func.train.meta_gradient`).
-            The same meta-gradient up to rounding, so it may change on resume.
-
-    Optimization:
-        meta_batch: tasks per meta-update. meta_lr: Adam step size.
-        lr_schedule: ``"constant"``, or ``"cosine"``: the step size follows half
-            a cosine from ``meta_lr`` at iteration 0 down to
-            ``final_lr_factor * meta_lr`` at ``iterations`` (so a cosine run's
-            ``iterations`` cannot change on resume).
-        iterations: meta-updates in total (a resumed run continues up to it).
-        max_minutes: stop (with a checkpoint to resume from) after this much wall time.
-        seed: seeds the model initialization and the training tasks.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        dtype: ``"float32"`` or ``"float64"``.
-        distributed: data-parallel over the ranks of ``torch.distributed``
-            (launch with ``torchrun``; see :mod:`maml_func.distributed`): each
-            rank adapts ``meta_batch / ranks`` tasks of its own stream.
-
-    Output:
-        save_to: the run directory (checkpoints, ``metrics.jsonl``,
-            ``learning_curve.png``); ``None`` writes nothing.
-        val_every: validate every this many iterations (0: only at the end).
-        val_tasks: tasks per validation, from the held-out validation classes.
-        save_every: write ``last.pt`` every this many iterations (and at the end).
-        log_every: write a line of training metrics every this many iterations.
+    {fields}
 
     Example:
         >>> TrainConfig(n_way=5, k_shot=1, inner_lr=0.4).n_way
@@ -137,102 +125,108 @@ class TrainConfig:
         ValueError: TrainConfig: n_way must be an int >= 2, got 1; a task needs at least two classes
     """
 
-    dataset: str = "omniglot"
-    data_root: str = "data"
-    source: str | None = None
-    download: bool = True
-    image_size: int = 28
-    channels: int | None = None
-    split: str = "maml"
-    split_seed: int = 0
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 5
-    rotations: bool = False
-    algorithm: str = "maml"
-    algorithm_options: dict[str, Any] = field(default_factory=dict)
-    first_order: bool = False
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    hidden: int = 64
-    chunk_size: int | str | None = "auto"
-    tasks_per_backward: int | None = None
-    meta_batch: int = 32
-    meta_lr: float = 1e-3
-    lr_schedule: str = "constant"
-    final_lr_factor: float = 0.05
-    iterations: int = 2000
-    max_minutes: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    distributed: bool = False
-    save_to: str | None = None
-    val_every: int = 500
-    val_tasks: int = 200
-    save_every: int = 100
-    log_every: int = 10
+    dataset: str = option("omniglot", "'omniglot', or the path of an ImageFolder tree (one sub-folder of images "
+                          "per class), split by class into train/val/test", group="Data", check=_text(),
+                          metavar="omniglot|PATH")
+    data_root: str = option("data", "where the Omniglot archives and decoded caches live", group="Data",
+                            check=_text(), resumable=True, metavar="DIR")
+    source: str | None = option(None, "an offline copy of Omniglot: a folder holding images_background.zip and "
+                                "images_evaluation.zip (or their extracted trees)", group="Data",
+                                check=_text(none_ok=True), resumable=True, metavar="DIR_OR_ZIPS")
+    download: bool = option(True, "download Omniglot into data_root when it is not there", group="Data",
+                            check=checks.flag, resumable=True)
+    image_size: int = option(28, "resize images to image_size x image_size pixels", group="Data",
+                             check=_int(16, "; Conv4 halves the resolution four times"), metavar="PX")
+    channels: int | None = option(None, "1 (grayscale) or 3 (RGB); none keeps the dataset's own", group="Data",
+                                  check=_one_of((1, 3, None), "1, 3 or None"), metavar="1|3")
+    split: str = option("maml", "class split of Omniglot: maml (1200 train / 423 test characters) or lake",
+                        group="Data", check=_text(), metavar="NAME")
+    split_seed: int = option(0, "seed of the class split of an ImageFolder tree (apart from seed, so that runs "
+                             "with different seeds share a test set)", group="Data", check=_int(0), metavar="N")
+    skip_bad_files: bool = option(False, "ImageFolder trees: skip files that are not readable images (and empty "
+                                  "class folders) with a warning, instead of stopping", group="Data",
+                                  check=checks.flag)
+    n_way: int = option(5, "classes per task", group="Tasks", check=_int(2, "; a task needs at least two classes"),
+                        metavar="N")
+    k_shot: int = option(1, "support images per class", group="Tasks", check=_int(1), metavar="K")
+    n_query: int = option(5, "query images per class", group="Tasks", check=_int(1), metavar="Q")
+    rotations: bool = option(False, "rotate each class of a task by a random multiple of 90 degrees",
+                             group="Tasks", check=checks.flag)
+    algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp or "
+                            "reptile", group="Algorithm", check=_text(), metavar="NAME")
+    algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build (on the command "
+                                               "line: --algorithm-option KEY=VALUE, repeatable)",
+                                               group="Algorithm", check=_table, factory=dict, metavar="KEY=VALUE",
+                                               flag="--algorithm-option")
+    first_order: bool = option(False, "first-order MAML: detach the inner gradients", group="Algorithm",
+                               check=checks.flag)
+    inner_lr: float = option(0.4, "inner SGD step size", group="Algorithm", check=_positive(_STEP_HINT),
+                             metavar="LR")
+    inner_steps: int = option(1, "inner steps at meta-training", group="Algorithm", check=_int(0), metavar="S")
+    eval_inner_steps: int = option(3, "inner steps at validation and test", group="Algorithm", check=_int(0),
+                                   metavar="S")
+    hidden: int = option(64, "filters per Conv4 block", group="Algorithm", check=_int(1), metavar="C")
+    chunk_size: int | str | None = option("auto", "tasks per vmap chunk, bounds a chunk's temporaries; none: the "
+                                          "whole meta-batch; auto: the whole meta-batch on a GPU, ~1 MiB of task "
+                                          "inputs per chunk on the CPU (the fastest there)", group="Algorithm",
+                                          check=_chunk_size, metavar="T|none|auto")
+    tasks_per_backward: int | None = option(None, "one backward per this many tasks, gradients summed: peak "
+                                            "memory grows with it, not with the meta-batch; the same "
+                                            "meta-gradient up to rounding (none: one backward)",
+                                            group="Algorithm", resumable=True, metavar="N|none",
+                                            check=_int(1, "; or None (one backward over the meta-batch)",
+                                                       none_ok=True))
+    meta_batch: int = option(32, "tasks per meta-update", group="Optimization", check=_int(1), metavar="T")
+    meta_lr: float = option(1e-3, "Adam step size", group="Optimization", check=_positive(_STEP_HINT),
+                            metavar="LR")
+    lr_schedule: str = option("constant", "constant, or cosine: half a cosine from meta_lr at iteration 0 down to "
+                              "final_lr_factor * meta_lr at the last iteration (its iterations cannot change on "
+                              "resume)", group="Optimization", check=_one_of(_SCHEDULES), metavar="constant|cosine")
+    final_lr_factor: float = option(0.05, "where the cosine schedule ends, as a fraction of meta_lr",
+                                    group="Optimization", metavar="F",
+                                    check=lambda w, n, v: checks.number(w, n, v, minimum=0, maximum=1))
+    iterations: int = option(2000, "meta-updates in total (a resumed run continues up to it)",
+                             group="Optimization", check=_int(1), resumable=True, metavar="N")
+    max_minutes: float | None = option(None, "stop after this many minutes of wall time, with a checkpoint to "
+                                       "resume from", group="Optimization", resumable=True, metavar="MIN",
+                                       check=_positive(none_ok=True, expect="a positive number of minutes or None"))
+    seed: int = option(0, "seeds the model initialization and the training tasks", group="Optimization",
+                       check=_int(0), metavar="N")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:1, ...", group="Optimization",
+                         check=_device, resumable=True, metavar="DEV")
+    dtype: str = option("float32", "float32 or float64", group="Optimization", check=_one_of(_DTYPES),
+                        metavar="T")
+    distributed: bool = option(False, "data-parallel over the ranks of torch.distributed, launched with torchrun "
+                               "(each rank adapts meta_batch / ranks tasks of its own stream)",
+                               group="Optimization", check=checks.flag)
+    save_to: str | None = option(None, "the run directory (checkpoints, metrics.jsonl, learning_curve.png); none "
+                                 "writes nothing, maml-func train then picks "
+                                 "runs/<dataset>-<N>w<K>s-<algorithm>-seed<seed>", group="Output",
+                                 check=_text(none_ok=True), resumable=True, metavar="DIR")
+    val_every: int = option(500, "validate every this many iterations (0: only at the end)", group="Output",
+                            check=_int(0), resumable=True, metavar="N")
+    val_tasks: int = option(200, "tasks per validation, from the held-out validation classes", group="Output",
+                            check=_int(1), resumable=True, metavar="N")
+    save_every: int = option(100, "write last.pt every this many iterations (and at the end)", group="Output",
+                             check=_int(1), resumable=True, metavar="N")
+    log_every: int = option(10, "write a line of training metrics every this many iterations", group="Output",
+                            check=_int(1), resumable=True, metavar="N")
 
     def __post_init__(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"TrainConfig: {name} must be {why}, got {getattr(self, name)!r}")
-
-        def positive_int(name: str, minimum: int = 1, hint: str = "") -> None:
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"TrainConfig: {name} must be an int >= {minimum}, got {value!r}{hint}")
-
-        for name in ("dataset", "data_root", "split", "algorithm", "device", "dtype"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                fail(name, "a non-empty string")
-        for name in ("source", "save_to"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                fail(name, "a string (a path) or None")
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                check(_WHERE, f.name, getattr(self, f.name))
+        if self.skip_bad_files and self.dataset == "omniglot":
+            raise ValueError("TrainConfig: skip_bad_files applies to ImageFolder trees; Omniglot's archives are "
+                             "checked by checksum or layout instead; drop skip_bad_files")
         if self.source is not None and self.dataset != "omniglot":
             raise ValueError(f"TrainConfig: source applies to dataset='omniglot' only (an offline copy of it), got "
                              f"source={self.source!r} with dataset={self.dataset!r}; drop source")
-        for name in ("download", "rotations", "first_order", "distributed"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "true or false")
-        positive_int("n_way", 2, "; a task needs at least two classes")
-        for name in ("k_shot", "n_query", "meta_batch", "iterations", "hidden", "val_tasks", "save_every",
-                     "log_every"):
-            positive_int(name)
-        positive_int("image_size", 16, "; Conv4 halves the resolution four times")
-        for name in ("inner_steps", "eval_inner_steps", "val_every", "seed", "split_seed"):
-            positive_int(name, 0)
-        if self.channels is not None and self.channels not in (1, 3):
-            fail("channels", "1, 3 or None")
-        if self.chunk_size not in (None, "auto"):
-            positive_int("chunk_size", hint="; or None (one vmap) or 'auto'")
-        if self.tasks_per_backward is not None:
-            positive_int("tasks_per_backward", hint="; or None (one backward over the meta-batch)")
-        if self.lr_schedule not in _SCHEDULES:
-            fail("lr_schedule", f"one of {_SCHEDULES}")
-        if not _is_number(self.final_lr_factor) or not 0 <= self.final_lr_factor <= 1:
-            fail("final_lr_factor", "a number in [0, 1]")
-        for name in ("inner_lr", "meta_lr"):
-            value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
-                raise ValueError(f"TrainConfig: {name} must be a positive number, got {value!r}; "
-                                 "a step size is > 0 (e.g. inner_lr=0.4, meta_lr=0.001)")
-        if self.max_minutes is not None and (not _is_number(self.max_minutes) or self.max_minutes <= 0):
-            fail("max_minutes", "a positive number of minutes or None")
-        if self.dtype not in _DTYPES:
-            fail("dtype", f"one of {_DTYPES}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith(("cuda", "mps", "xpu"))):
-            fail("device", "'auto', 'cpu', 'cuda' or 'cuda:<index>'")
-        if not isinstance(self.algorithm_options, Mapping):
-            fail("algorithm_options", "a table of keyword arguments for maml_func.build")
-        self._check_algorithm()
-
-    def _check_algorithm(self) -> None:
         # Imported here: the config module stays importable without building anything.
         from maml_func.algorithms import ALGORITHMS
 
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"TrainConfig: algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        checks.choice(_WHERE, "algorithm", self.algorithm, ALGORITHMS, expect=f"one of {sorted(ALGORITHMS)}")
         reserved = {"inner_lr", "inner_steps", "first_order", "chunk_size"} & set(self.algorithm_options)
         if reserved:
             raise ValueError(f"TrainConfig: algorithm_options {sorted(reserved)} are fields of the config; "
@@ -276,6 +270,36 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def describe_default(value: Any) -> str:
+    """A default as the docs and ``--help`` show it: ``on``/``off``, ``none``, ``0.001``, ``auto``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    return "{}" if isinstance(value, dict) else str(value)
+
+
+def _document(cls: type) -> None:
+    """Write the field list, by group, into ``cls.__doc__`` (its ``{fields}`` placeholder)."""
+    lines: list[str] = []
+    for group in GROUPS:
+        lines.append(f"{group}:")
+        for f in dataclasses.fields(cls):
+            if f.metadata["group"] == group:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                entry = f"{f.name}: {f.metadata['help']} (default: {describe_default(default)})."
+                lines.extend(textwrap.wrap(entry, 104, initial_indent="    ", subsequent_indent="        "))
+        lines.append("")
+    cls.__doc__ = (cls.__doc__ or "").replace("{fields}", "\n    ".join(lines).rstrip())
+
+
+_document(TrainConfig)
+
+#: Fields a resumed run may change: none of them touches the training trajectory
+#: (validation draws from its own generator, saving and logging read nothing random).
+RESUMABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resumable"])
+
+
 def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -307,6 +331,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             save_to = "runs/5w1s"
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"load_config_file: {str(path)!r} is a folder, not a config file; pass the path of a "
+                         ".toml or .json file")
     if not path.is_file():
         raise FileNotFoundError(f"load_config_file: config file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
@@ -346,6 +373,8 @@ def make_config(
         file: a TOML or JSON config file (see :func:`load_config_file`).
         base: values under everything else (e.g. the config of a checkpoint).
         **overrides: fields that win over everything (e.g. command-line flags).
+            Changing ``dataset`` to a folder tree drops a ``source`` that came
+            only from ``base`` (it is an offline copy of Omniglot).
 
     Raises:
         ValueError: unknown preset or key, or an invalid value.
@@ -366,4 +395,8 @@ def make_config(
         values.update(PRESETS[preset])
     values.update(from_file)
     values.update(overrides)
+    if values.get("dataset", "omniglot") != "omniglot" and "source" not in {**from_file, **overrides}:
+        # An offline copy of Omniglot inherited from ``base`` (a checkpoint's config) means nothing for the
+        # folder tree that replaces it: the dataset changed, so its source goes with it.
+        values.pop("source", None)
     return TrainConfig.from_dict(values, origin="make_config")

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from maml_func import checks
 from maml_func.core import MetaParams
 from maml_func.distributed import World, gather_tasks, rank_seed, shard_sizes, world
 from maml_func.tasks import TaskBatch
+
+if TYPE_CHECKING:  # a type only, so that importing this module never imports the algorithms package
+    from maml_func.algorithms.base import Algorithm
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -78,12 +82,6 @@ class EvalResult:
         return {**asdict(self), "summary": self.summary()}
 
 
-def _int_at_least(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"evaluate: {name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _task_shape(batch: TaskBatch) -> tuple[int, int, int]:
     """``(n_way, k_shot, n_query)`` of a class-major classification batch."""
     if batch.y_support.dim() != 2 or batch.y_support.dtype != torch.int64:
@@ -98,7 +96,7 @@ def _meta_dtype(meta: MetaParams) -> torch.dtype:
 
 
 def evaluate(
-    algorithm: Any,
+    algorithm: Algorithm,
     meta: MetaParams,
     sampler: _Sampler,
     *,
@@ -146,16 +144,16 @@ def evaluate(
         >>> evaluate(algo, algo.init(), sampler, num_tasks=20, steps=3).summary()  # doctest: +SKIP
         '5-way 1-shot: 31.0% ± 4.2 (20 tasks, 3 steps)'
     """
-    _int_at_least("num_tasks", num_tasks, 1)
-    _int_at_least("batch_size", batch_size, 1)
-    steps = algorithm.inner_steps if steps is None else _int_at_least("steps", steps, 0)
+    checks.integer("evaluate", "num_tasks", num_tasks, minimum=1)
+    checks.integer("evaluate", "batch_size", batch_size, minimum=1)
+    steps = algorithm.inner_steps if steps is None else checks.integer("evaluate", "steps", steps, minimum=0)
     me = world() if distributed else World()
     if num_tasks < me.size:
         raise ValueError(f"evaluate: num_tasks={num_tasks} is fewer than the {me.size} ranks; evaluate at least "
                          "one task per rank")
     share = shard_sizes(num_tasks, me.size)[me.rank]  # this rank's tasks (all of them on one process)
     if generator is None:
-        _int_at_least("seed", seed, 0)
+        checks.integer("evaluate", "seed", seed, minimum=0)
         generator = torch.Generator(device=_sampler_device(sampler)).manual_seed(rank_seed(seed, me.rank))
     dtype = _meta_dtype(meta)
     accuracies: list[Tensor] = []
@@ -194,7 +192,7 @@ def evaluate(
     )
 
 
-def _sampler_device(sampler: Any) -> torch.device:
+def _sampler_device(sampler: _Sampler) -> torch.device:
     """The device a sampler draws on (its generator must live there)."""
     device = getattr(sampler, "device", None)
     if device is None:

@@ -10,13 +10,20 @@ A rule (in the manner of optax's ``(init, update)``) is an :class:`InnerRule`:
 - ``step(params, grads, rule_params, i) -> params``: the pure update of step
   ``i`` (0-based). Fixed hyper-parameters (a step size) live in the closure.
 
+A rule also records the fixed step size it was built with (``lr``: the rate of
+:func:`sgd`, the initial rates of :func:`meta_sgd` and :func:`lslr`), so that an
+algorithm reads its inner step size from the rule instead of keeping a second
+copy that could disagree.
+
 No rule needs state beyond the step index, so there is no state to thread
 through; a rule that does can close over it the same way.
 
 :func:`adapt` runs ``steps`` updates with :func:`torch.func.grad`. Gradients
 through the update are kept (second order, MAML) unless ``first_order=True``,
 which detaches the inner gradients explicitly: the order never depends on
-whether someone remembered ``create_graph``.
+whether someone remembered ``create_graph``. With ``indexed=True`` the loss is
+also given the step index, ``loss_fn(params, i)``, for an inner loop whose data
+changes from step to step (Reptile's mini-batches).
 """
 
 from __future__ import annotations
@@ -28,11 +35,15 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
+from maml_func import checks
 from maml_func.core import Params
 
-__all__ = ["InnerRule", "adapt", "adapt_trajectory", "lslr", "meta_sgd", "sgd"]
+__all__ = ["IndexedLossFn", "InnerRule", "LossFn", "adapt", "adapt_trajectory", "lslr", "meta_sgd", "sgd"]
 
+#: ``params -> []``: the support loss of one task.
 LossFn = Callable[[Params], Tensor]
+#: ``(params, i) -> []``: the support loss at inner step ``i`` (0-based).
+IndexedLossFn = Callable[[Params, int], Tensor]
 
 
 class InnerRule(NamedTuple):
@@ -42,16 +53,14 @@ class InnerRule(NamedTuple):
         init: ``(params, steps) -> rule_params``, the meta-learned
             hyper-parameters of the rule (``{}`` when it has none).
         step: ``(params, grads, rule_params, i) -> new_params`` for step ``i``.
+        lr: the fixed step size the rule was built with (for learned rates,
+            their starting value); ``None`` for a rule that declares none.
+            ``InnerRule(init, step)`` still makes a rule.
     """
 
     init: Callable[[Params, int], Params]
     step: Callable[[Params, Params, Params, int], Params]
-
-
-def _positive_float(fn: str, name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
-    return float(value)
+    lr: float | None = None
 
 
 def sgd(lr: float) -> InnerRule:
@@ -65,7 +74,7 @@ def sgd(lr: float) -> InnerRule:
         >>> rule.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, rule.init({}, 1), 0)
         {'w': tensor([0.5000, 0.5000])}
     """
-    lr = _positive_float("sgd", "lr", lr)
+    lr = float(checks.number("sgd", "lr", lr, positive=True))
 
     def init(params: Params, steps: int) -> Params:
         return {}
@@ -73,19 +82,20 @@ def sgd(lr: float) -> InnerRule:
     def step(params: Params, grads: Params, rule_params: Params, i: int) -> Params:
         return {k: p - lr * grads[k] for k, p in params.items()}
 
-    return InnerRule(init, step)
+    return InnerRule(init, step, lr)
 
 
 def _updates(
-    loss_fn: LossFn, params: Params, rule: InnerRule, rule_params: Params, steps: int, first_order: bool
+    loss_fn: LossFn | IndexedLossFn, params: Params, rule: InnerRule, rule_params: Params | None, steps: int,
+    first_order: bool, indexed: bool,
 ) -> Iterator[Params]:
     """Yield the params after 0, 1, ..., ``steps`` updates."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"adapt: steps must be a non-negative int, got {steps!r}")
+    checks.integer("adapt", "steps", steps, minimum=0)
+    rule_params = rule_params or {}
     grad_fn = grad(loss_fn)
     yield params
     for i in range(steps):
-        grads = grad_fn(params)
+        grads = grad_fn(params, i) if indexed else grad_fn(params)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         params = rule.step(params, grads, rule_params, i)
@@ -93,13 +103,8 @@ def _updates(
 
 
 def adapt(
-    loss_fn: LossFn,
-    params: Params,
-    *,
-    rule: InnerRule,
-    rule_params: Params | None = None,
-    steps: int = 1,
-    first_order: bool = False,
+    loss_fn: LossFn | IndexedLossFn, params: Params, *, rule: InnerRule, rule_params: Params | None = None,
+    steps: int = 1, first_order: bool = False, indexed: bool = False,
 ) -> Params:
     """Adapt ``params`` to one task: ``steps`` updates of ``rule`` on ``loss_fn``.
 
@@ -111,6 +116,8 @@ def adapt(
         rule_params: the rule's meta-learned hyper-parameters (``meta["rule"]``).
         steps: number of inner updates.
         first_order: detach the inner gradients (first-order MAML).
+        indexed: ``loss_fn`` takes the step index too, ``(params, i) -> []``,
+            so that each step may see other data (a mini-batch per step).
 
     Returns:
         The adapted params, differentiable w.r.t. ``params`` and ``rule_params``.
@@ -120,26 +127,23 @@ def adapt(
         >>> w = {"w": torch.tensor(3.0)}
         >>> adapt(lambda p: p["w"] ** 2, w, rule=sgd(0.25), steps=2)
         {'w': tensor(0.7500)}
+        >>> adapt(lambda p, i: (i + 1) * p["w"] ** 2, w, rule=sgd(0.25), steps=2, indexed=True)
+        {'w': tensor(0.)}
     """
-    *_, last = _updates(loss_fn, params, rule, rule_params or {}, steps, first_order)
+    *_, last = _updates(loss_fn, params, rule, rule_params, steps, first_order, indexed)
     return last
 
 
 def adapt_trajectory(
-    loss_fn: LossFn,
-    params: Params,
-    *,
-    rule: InnerRule,
-    rule_params: Params | None = None,
-    steps: int = 1,
-    first_order: bool = False,
+    loss_fn: LossFn | IndexedLossFn, params: Params, *, rule: InnerRule, rule_params: Params | None = None,
+    steps: int = 1, first_order: bool = False, indexed: bool = False,
 ) -> list[Params]:
-    """Like :func:`adapt`, but return the params after each of 0..``steps`` updates.
+    """Like :func:`adapt` (same arguments), but return the params after each of 0..``steps`` updates.
 
     Used for the accuracy after each inner step in evaluation and for the
     multi-step loss of MAML++. Returns a list of ``steps + 1`` dicts.
     """
-    return list(_updates(loss_fn, params, rule, rule_params or {}, steps, first_order))
+    return list(_updates(loss_fn, params, rule, rule_params, steps, first_order, indexed))
 
 
 def _rates(fn: str, rule_params: Params, params: Params) -> None:
@@ -167,7 +171,7 @@ def meta_sgd(init_lr: float) -> InnerRule:
         >>> rule.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.tensor([0.5, 1.0])}, 0)
         {'w': tensor([0.5000, 0.0000])}
     """
-    init_lr = _positive_float("meta_sgd", "init_lr", init_lr)
+    init_lr = float(checks.number("meta_sgd", "init_lr", init_lr, positive=True))
 
     def init(params: Params, steps: int) -> Params:
         return {k: torch.full_like(p.detach(), init_lr) for k, p in params.items()}
@@ -176,7 +180,7 @@ def meta_sgd(init_lr: float) -> InnerRule:
         _rates("meta_sgd", rule_params, params)
         return {k: p - rule_params[k] * grads[k] for k, p in params.items()}
 
-    return InnerRule(init, step)
+    return InnerRule(init, step, init_lr)
 
 
 def lslr(init_lr: float) -> InnerRule:
@@ -195,7 +199,7 @@ def lslr(init_lr: float) -> InnerRule:
         >>> rule.step({"w": torch.ones(2)}, {"w": torch.ones(2)}, {"w": torch.tensor([0.5, 0.25])}, 1)
         {'w': tensor([0.7500, 0.7500])}
     """
-    init_lr = _positive_float("lslr", "init_lr", init_lr)
+    init_lr = float(checks.number("lslr", "init_lr", init_lr, positive=True))
 
     def init(params: Params, steps: int) -> Params:
         # At least one rate, so that a model meta-trained with 0 steps can still be adapted.
@@ -206,4 +210,4 @@ def lslr(init_lr: float) -> InnerRule:
         _rates("lslr", rule_params, params)
         return {k: p - rule_params[k][min(i, rule_params[k].shape[0] - 1)] * grads[k] for k, p in params.items()}
 
-    return InnerRule(init, step)
+    return InnerRule(init, step, init_lr)

@@ -8,9 +8,9 @@ at train *and* test time, no running statistics (the transductive setting of
 the original MAML; in-place running-stat updates cannot run under ``vmap``).
 It calls ``F.batch_norm`` *without* affine weights and applies its own scale and
 shift, because ``vmap`` of the double backward of ``F.batch_norm`` with affine
-weights is wrong in torch 2.x (relative meta-gradient error ~3e-3, see
-DESIGN.md and pytorch/functorch#534); without them the vmapped meta-gradient
-matches a per-task loop to ~1e-15.
+weights gives wrong meta-gradients in torch 2.x (see docs/design.md, "BatchNorm
+under vmap", and pytorch/functorch#534); without them the vmapped meta-gradient
+matches a per-task loop to rounding error.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from maml_func import checks
 
 __all__ = ["Conv4", "MLP", "TaskBatchNorm"]
 
@@ -43,10 +45,9 @@ class TaskBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The fused kernel normalizes without affine weights (its vmapped double
         # backward is exact that way, unlike with them), and the scale and shift
-        # follow as one fused multiply-add. It makes fewer full-size passes than
-        # the same maths in plain ops, and every pass (with its backward and
-        # double backward) costs memory bandwidth: 12-17% of a Conv4 MAML
-        # meta-step on the CPU, vmapped or not.
+        # follow as one fused multiply-add: fewer full-size passes than the same
+        # maths in plain ops, and every pass (with its backward and double
+        # backward) costs memory bandwidth.
         normed = F.batch_norm(x, None, None, training=True, eps=self.eps)
         if self.weight is None:
             return normed
@@ -55,12 +56,6 @@ class TaskBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
-
-
-def _positive_int(cls: str, name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{cls}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class Conv4(nn.Module):
@@ -88,8 +83,9 @@ class Conv4(nn.Module):
         pool: bool = False,
     ) -> None:
         super().__init__()
-        for name in ("n_way", "in_channels", "hidden", "image_size"):
-            _positive_int("Conv4", name, locals()[name])
+        for name, value in (("n_way", n_way), ("in_channels", in_channels), ("hidden", hidden),
+                            ("image_size", image_size)):
+            checks.integer("Conv4", name, value, minimum=1, expect="a positive int")
         blocks: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(4):
@@ -103,8 +99,14 @@ class Conv4(nn.Module):
             raise ValueError(f"Conv4: image_size={image_size} is too small for 4 halvings; use at least 16")
         self.features = nn.Sequential(*blocks)
         self.head = nn.Linear(hidden * size * size, n_way)
+        self.in_channels, self.image_size = in_channels, image_size
 
     def forward(self, x: Tensor) -> Tensor:
+        # Shapes are known without looking at the data: checking them costs nothing, even under vmap.
+        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"Conv4: expected images [B, {self.in_channels}, {self.image_size}, {self.image_size}], "
+                             f"got {list(x.shape)}; build Conv4(in_channels=..., image_size=...) for these images, "
+                             "or resize them (image_size in the config)")
         return self.head(self.features(x).flatten(1))
 
 
@@ -123,7 +125,7 @@ class MLP(nn.Module):
         super().__init__()
         sizes = [in_features, *hidden, out_features]
         for s in sizes:
-            _positive_int("MLP", "layer size", s)
+            checks.integer("MLP", "layer size", s, minimum=1, expect="a positive int")
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(a, b))

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from maml_func import checks
 from maml_func.tasks import TaskBatch
 
 __all__ = ["sample_sinusoid_tasks"]
@@ -36,8 +37,7 @@ def sample_sinusoid_tasks(
         (torch.Size([4, 5, 1]), torch.Size([4, 7, 1]))
     """
     for name, value in (("num_tasks", num_tasks), ("k_shot", k_shot), ("n_query", n_query)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"sample_sinusoid_tasks: {name} must be a positive int, got {value!r}")
+        checks.integer("sample_sinusoid_tasks", name, value, minimum=1, expect="a positive int")
     gen_device = generator.device if generator is not None else "cpu"
 
     def uniform(*shape: int, low: float, high: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from maml_func import checks
 from maml_func.data.classes import ImageClasses
 
 __all__ = ["EpisodeSampler", "TaskBatch"]
@@ -97,8 +98,7 @@ class EpisodeSampler:
             raise TypeError(f"{name}: classes must be an ImageClasses (see maml_func.data.load_dataset), "
                             f"got {type(classes).__name__}")
         for arg, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+            checks.integer(name, arg, value, minimum=1, expect="a positive int")
         images, counts = classes.images, classes.counts
         if images.dtype != torch.uint8 or images.dim() != 5:
             raise ValueError(f"{name}: classes.images must be uint8 [n_classes, max_per_class, C, H, W], "
@@ -160,8 +160,7 @@ class EpisodeSampler:
             ``y_query [T, n_way*n_query]``.
         """
         name = f"{type(self).__name__}.sample"
-        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-            raise ValueError(f"{name}: num_tasks must be a positive int, got {num_tasks!r}")
+        checks.integer(name, "num_tasks", num_tasks, minimum=1, expect="a positive int")
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{name}: generator must be a torch.Generator, got {type(generator).__name__}")
         if not _same_device(generator.device, self.device):

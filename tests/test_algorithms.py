@@ -1,17 +1,16 @@
 """The MAML family: every algorithm through the same tests.
 
 Float64 equality of the vmapped meta-gradient with a per-task loop (relative
-norm of all meta-gradients together, 1e-10: see DESIGN.md for why a looser or a
-per-tensor tolerance hides real errors), hand-written references for the learned
-step sizes, the algorithm-specific properties, and a short meta-training run on
-the sinusoid family per algorithm.
+norm of all meta-gradients together, 1e-10: see docs/design.md, "BatchNorm under
+vmap", for why a looser or a per-tensor tolerance hides real errors),
+hand-written references for the learned step sizes, the algorithm-specific
+properties, and a short meta-training run on the sinusoid family per algorithm.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import functional_call
 
 from maml_func import (
     ALGORITHMS,
@@ -28,6 +27,7 @@ from maml_func import (
     sgd,
 )
 from maml_func.algorithms import anil, mamlpp, metasgd
+from maml_func.reference import loop_meta_loss
 
 NAMES = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"]
 N_WAY, K_SHOT, N_QUERY, TASKS = 3, 2, 2, 3
@@ -139,21 +139,9 @@ def test_evaluate_shapes_and_vmap_equals_loop(name):
 
 # ------------------------------------------------------------ hand-written references
 def _reference_loss(model, meta, batch, rate, weights) -> torch.Tensor:
-    """Plain loop, autograd.grad(create_graph=True): sum_s weights[s] * query loss after step s+1."""
-    buffers = dict(model.named_buffers())
-    names = list(meta["model"])
-    losses = []
-    for xs, ys, xq, yq in zip(*batch):
-        params = dict(meta["model"])
-        task_loss = 0.0
-        for i, w in enumerate(weights):
-            support = torch.nn.functional.cross_entropy(functional_call(model, (params, buffers), (xs,)), ys)
-            grads = torch.autograd.grad(support, [params[k] for k in names], create_graph=True)
-            params = {k: params[k] - rate(meta["rule"], k, i) * g for k, g in zip(names, grads)}
-            query = torch.nn.functional.cross_entropy(functional_call(model, (params, buffers), (xq,)), yq)
-            task_loss = task_loss + w * query
-        losses.append(task_loss)
-    return torch.stack(losses).mean()
+    """The shared per-task loop: sum_s weights[s] * query loss after step s+1, learned rates ``rate(rule, k, i)``."""
+    return loop_meta_loss(model, meta["model"], batch, inner_lr=lambda k, i: rate(meta["rule"], k, i),
+                          steps=len(weights), step_weights=weights)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ import torch
 import maml_func
 from maml_func.checkpoint import load_checkpoint
 from maml_func.cli import main
+from maml_func.config import TrainConfig, describe_default
 
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 SUMMARY = re.compile(r"^\d+-way \d+-shot: \d+\.\d% ± \d+\.\d \(\d+ tasks, \d+ steps\)$")
@@ -80,6 +82,23 @@ def test_train_help_lists_every_config_field(capsys: pytest.CaptureFixture) -> N
                  "--save-to", "--dataset", "--data-root", "--source", "--rotations", "--max-minutes",
                  "--chunk-size", "--tasks-per-backward"):
         assert flag in out, flag
+    # Every field of the config, each with its own default: generated from the fields, so none can be missing.
+    entries: dict[str, str] = {}  # "--flag" -> its help text, lines joined
+    for line in out.split("\n\n", 2)[-1].splitlines():
+        if line.startswith("  -"):
+            flag, *words = line.split()
+            entries[flag] = " ".join(words)
+        elif entries and line.startswith(" " * 4):
+            entries[flag] += " " + " ".join(line.split())
+    fields = dataclasses.fields(TrainConfig)
+    assert len(fields) >= 37
+    for f in fields:
+        flag = "--algorithm-option" if f.name == "algorithm_options" else "--" + f.name.replace("_", "-")
+        flag = next((k for k in entries if k.rstrip(",") == flag), flag)
+        assert flag in entries, f"{flag} (field {f.name}) has no help entry"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert f"(default: {describe_default(default)})" in entries[flag], (f.name, entries[flag])
+    assert describe_default(True) == "on" and describe_default(None) == "none" and describe_default(0.001) == "0.001"
 
 
 # ------------------------------------------------------------ bad input
@@ -157,6 +176,29 @@ def test_train_then_eval(folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert result["classes"] == "val" and SUMMARY.match(result["summary"])
 
 
+def test_each_command_reads_its_checkpoint_once(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import maml_func.state
+
+    run_dir = tmp_path / "run"
+    assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "2", "--val-every", "0",
+                "--save-to", str(run_dir)], capsys)[0] == 0
+    reads: list[Path] = []
+
+    def counting(path, **kwargs):
+        reads.append(Path(path))
+        return load_checkpoint(path, **kwargs)
+
+    monkeypatch.setattr(maml_func.state, "load_checkpoint", counting)
+    code, _, err = run(["train", "--resume", str(run_dir), "--iterations", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    assert reads == [run_dir / "last.pt"]
+    reads.clear()
+    code, _, err = run(["eval", "--checkpoint", str(run_dir), "--tasks", "4", "--no-progress"], capsys)
+    assert code == 0, err
+    assert reads == [run_dir / "best.pt"]
+
+
 def test_eval_without_checkpoint_is_the_untrained_baseline(folder: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     code, out, err = run(["eval", *tiny_flags(folder, tmp_path), "--tasks", "10", "--json"], capsys)
@@ -178,7 +220,7 @@ def test_offline_omniglot_says_what_to_do(tmp_path: Path, capsys: pytest.Capture
     def offline(*args, **kwargs):
         raise ConnectionError("download_omniglot: could not download https://... (Name or service not known)")
 
-    monkeypatch.setattr("maml_func.train.load_dataset", offline)
+    monkeypatch.setattr("maml_func.runs.load_dataset", offline)
     monkeypatch.setattr("maml_func.data.download_omniglot", offline)
     code, _, err = run(["train", "--preset", "omniglot-5w1s", "--data-root", str(tmp_path / "data"),
                         "--save-to", str(tmp_path / "run"), "--device", "cpu"], capsys)

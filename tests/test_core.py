@@ -1,10 +1,11 @@
 """The functional core against an independent reference, in float64.
 
-The reference is written the way per-task-loop MAML libraries do it: a Python
-loop over tasks, ``torch.autograd.grad(create_graph=True)`` in the inner loop,
-one backward of the mean query loss. The vectorized path must match it to
-1e-10 relative on the norm of all meta-gradients together (a conv bias before
-batch norm has a true gradient of zero, so per-tensor relative errors are noise).
+The reference is :mod:`maml_func.reference`, written the way per-task-loop MAML
+libraries do it: a Python loop over tasks, ``torch.autograd.grad(create_graph=True)``
+in the inner loop, one backward of the mean query loss. The vectorized path must
+match it to 1e-10 relative on the norm of all meta-gradients together (a conv
+bias before batch norm has a true gradient of zero, so per-tensor relative errors
+are noise; see docs/design.md, "BatchNorm under vmap").
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import maml_func
 from maml_func import MAML, MLP, Conv4, TaskBatch, TaskBatchNorm, adapt, combine, sample_sinusoid_tasks, sgd
+from maml_func.reference import loop_meta_grad, loop_task_losses
 
 TOL = 1e-10
 
@@ -34,21 +35,6 @@ def classification_batch(T: int, n_way: int, k: int, q: int, size: int, seed: in
         torch.rand(T, n_way * q, 1, size, size, generator=g, dtype=torch.float64),
         torch.randint(0, n_way, (T, n_way * q), generator=g),
     )
-
-
-def reference_meta_grad(model, params, batch, lr, steps, first_order, loss_fn):
-    """Per-task loop with torch.autograd.grad: the way learn2learn/higher compute MAML."""
-    names = list(params)
-    leaves = [params[n] for n in names]
-    total = 0.0
-    for xs, ys, xq, yq in zip(*batch):
-        fast = leaves
-        for _ in range(steps):
-            out = functional_call(model, dict(zip(names, fast)), (xs,))
-            grads = torch.autograd.grad(loss_fn(out, ys), fast, create_graph=not first_order)
-            fast = [p - lr * g for p, g in zip(fast, grads)]
-        total = total + loss_fn(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
-    return torch.autograd.grad(total / batch.num_tasks, leaves)
 
 
 def setups():
@@ -76,7 +62,7 @@ def test_vmapped_meta_gradient_equals_autograd_loop(net, steps, first_order):
     meta = maml.init()
     loss, metrics = maml.meta_loss(meta, batch)
     got = torch.autograd.grad(loss, list(meta["model"].values()))
-    want = reference_meta_grad(model, meta["model"], batch, lr, steps, first_order, loss_fn)
+    want = loop_meta_grad(model, meta["model"], batch, inner_lr=lr, steps=steps, first_order=first_order, loss_fn=loss_fn)
     assert metrics["loss"].shape == (batch.num_tasks,)
     assert all(torch.isfinite(g).all() for g in got)
     assert torch.sqrt(sum((g**2).sum() for g in want)) > 1e-6, "reference gradient is trivially zero"
@@ -131,7 +117,7 @@ def test_evaluate_reports_every_step_and_step_zero_is_unadapted():
     with torch.no_grad():
         result = maml.evaluate(meta, batch, steps=3)
     assert result["loss"].shape == result["accuracy"].shape == (batch.num_tasks, 4)
-    unadapted = torch.stack([loss_fn(functional_call(model, meta["model"], (xq,)), yq) for _, _, xq, yq in zip(*batch)])
+    unadapted = loop_task_losses(model, meta["model"], batch, inner_lr=lr, steps=0, loss_fn=loss_fn)
     assert torch.allclose(result["loss"][:, 0], unadapted, rtol=1e-12, atol=0)
     # three SGD steps on the support set must change the query predictions' loss
     assert not torch.allclose(result["loss"][:, 3], result["loss"][:, 0])

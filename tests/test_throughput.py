@@ -1,5 +1,7 @@
-"""benchmarks/throughput.py: its baseline computes the same maths, and a tiny run gives well-formed output.
+"""benchmarks/throughput.py: its loop row is the shared reference, and a tiny run gives well-formed output.
 
+Also the execution policy whose choices the benchmark reports (``maml_func.batching``:
+the automatic chunk size, the tasks' memory layout) and the CPU allocator tuning.
 Correctness only; no timing is asserted (timings are the benchmark's job).
 """
 
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 from maml_func import MAML, Conv4, TaskBatch
-from maml_func.algorithms.maml import _auto_chunk_size, _tasks_channels_last
+from maml_func.batching import auto_chunk_size, tasks_channels_last
+from maml_func.reference import loop_meta_loss
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
@@ -51,12 +54,12 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def test_auto_chunk_size_on_cpu():
     # Omniglot 5-way 1-shot, 15 queries: 80 images of 28x28 float32 per task -> 4 tasks per 1 MiB.
-    assert _auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 4
+    assert auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 4
     # 20-way: 320 images per task, four times the bytes -> 2, never fewer than 2.
-    assert _auto_chunk_size(batch_of(16, 20, 15, dtype=torch.float32)) == 2
-    assert _auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2
+    assert auto_chunk_size(batch_of(16, 20, 15, dtype=torch.float32)) == 2
+    assert auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2
     # Everything fits in one chunk: no chunking at all.
-    assert _auto_chunk_size(batch_of(4, 5, 15, dtype=torch.float32)) is None
+    assert auto_chunk_size(batch_of(4, 5, 15, dtype=torch.float32)) is None
     with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto'"):
         MAML(Conv4(), chunk_size="big")
     with pytest.raises(ValueError, match="chunk_size"):
@@ -65,29 +68,31 @@ def test_auto_chunk_size_on_cpu():
 
 def test_task_layout_is_channels_last_for_the_grouped_convolution():
     x = torch.rand(4, 6, 3, 5, 5)
-    y = _tasks_channels_last(x)
+    y = tasks_channels_last(x)
     assert torch.equal(x, y)
     # What vmap hands the convolution: tasks folded into the channels, [B, T*C, H, W].
     folded = y.movedim(0, 1).reshape(6, 4 * 3, 5, 5)
     assert folded.data_ptr() == y.data_ptr() and folded.is_contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(4, 6, dtype=torch.int64)
-    assert _tasks_channels_last(labels) is labels and _tasks_channels_last(torch.rand(4, 6, 1)).is_contiguous()
+    assert tasks_channels_last(labels) is labels and tasks_channels_last(torch.rand(4, 6, 1)).is_contiguous()
 
 
 @pytest.mark.parametrize("chunk_size", ["auto", None])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_loop_baseline_matches_library_chunked_and_whole(bench, first_order, chunk_size):
-    """The benchmark's per-task loop and the vmap path (auto chunks, one vmap): same loss, same meta-gradient."""
+    """The benchmark's per-task loop (maml_func.reference) and the vmap path (auto chunks, one vmap): same loss,
+    same meta-gradient."""
+    assert bench.loop_meta_loss is loop_meta_loss
     torch.manual_seed(0)
     model = Conv4(n_way=5, hidden=8).double()
     batch = batch_of(4, 5, 23)  # 120 float64 images per task: "auto" picks chunks of 2 here
-    assert _auto_chunk_size(batch) == 2
+    assert auto_chunk_size(batch) == 2
     maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order, chunk_size=chunk_size)
     meta = maml.init()
     params = list(meta["model"].values())
     loss = maml.meta_loss(meta, batch)[0]
     grads = torch.autograd.grad(loss, params)
-    ref_loss = bench.loop_meta_loss(model, meta["model"], batch, 2, first_order)
+    ref_loss = loop_meta_loss(model, meta["model"], batch, inner_lr=bench.INNER_LR, steps=2, first_order=first_order)
     ref_grads = torch.autograd.grad(ref_loss, params)
     assert abs(loss.item() - ref_loss.item()) < 1e-12
     assert rel_err(list(grads), list(ref_grads)) < 1e-10

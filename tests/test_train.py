@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from maml_func import step as step_module
 from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
 from maml_func.train import (
@@ -27,6 +28,7 @@ from maml_func.train import (
     load_run,
     meta_gradient,
     meta_lr_at,
+    train_step,
 )
 
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
@@ -196,15 +198,23 @@ def test_resume_after_a_stop_is_bitwise_exact(glyphs: Path, tmp_path: Path, refe
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_b)
 
 
-def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
-    def interrupting(algorithm, meta, batch, iteration):
-        if iteration == 2:  # the signal arrives in the middle of the third iteration
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """SIGINT arrives in the middle of the train_step of ``iteration`` (0-based)."""
+    def interrupting(state, batch, algorithm, **kwargs):
+        if state.iteration == iteration:
             os.kill(os.getpid(), signal.SIGINT)
-        return meta_gradient(algorithm, meta, batch, iteration)
+        return train_step(state, batch, algorithm, **kwargs)
 
+    monkeypatch.setattr(step_module, "train_step", interrupting)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupt_at(monkeypatch, 2)  # the signal arrives in the middle of the third iteration
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stop:
-        fit(tiny(glyphs, tmp_path / "run"), progress=False, meta_gradient_fn=interrupting)
+        fit(tiny(glyphs, tmp_path / "run"), progress=False)
+    monkeypatch.undo()
     assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone again
     assert stop.value.iteration == 3 and stop.value.signal == signal.SIGINT  # the iteration is finished first
     assert stop.value.checkpoint == tmp_path / "run" / "last.pt"
@@ -223,7 +233,8 @@ def test_resume_refuses_changes_that_alter_the_trajectory(glyphs: Path, tmp_path
         fit(tiny(glyphs, tmp_path / "run", iterations=1), resume=tmp_path / "run", progress=False)
 
 
-def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path) -> None:
+def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny(glyphs, tmp_path / "whole", lr_schedule="cosine", meta_lr=0.01, final_lr_factor=0.1)
     assert meta_lr_at(config, 0) == pytest.approx(0.01)
     assert meta_lr_at(config, 3) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))  # half way: the mean of both ends
@@ -234,14 +245,11 @@ def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Pa
     logged = [r["meta_lr"] for r in whole.history if r["kind"] == "train"]
     assert logged == pytest.approx([meta_lr_at(config, i) for i in range(6)])
 
-    def interrupting(algorithm, meta, batch, iteration):
-        if iteration == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return meta_gradient(algorithm, meta, batch, iteration)
-
     part = config.replace(save_to=str(tmp_path / "part"))
+    interrupt_at(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
-        fit(part, progress=False, meta_gradient_fn=interrupting)
+        fit(part, progress=False)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="cannot resume a cosine lr_schedule with iterations=8"):
         fit(part.replace(iterations=8), resume=tmp_path / "part", progress=False)
     assert_same_meta(fit(part, resume=tmp_path / "part", progress=False).meta, whole.meta)
@@ -285,13 +293,15 @@ def test_config_rejects_bad_schedules_and_chunk_sizes() -> None:
     assert TrainConfig().chunk_size == "auto" and TrainConfig(chunk_size=None).chunk_size is None
 
 
-def test_non_finite_loss_stops_without_saving_the_bad_state(glyphs: Path, tmp_path: Path) -> None:
-    def diverging(algorithm, meta, batch, iteration):
-        loss, metrics = meta_gradient(algorithm, meta, batch, iteration)
+def test_non_finite_loss_stops_without_saving_the_bad_state(glyphs: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def diverging(algorithm, meta, batch, iteration, **kwargs):
+        loss, metrics = meta_gradient(algorithm, meta, batch, iteration, **kwargs)
         return (loss * float("nan") if iteration == 4 else loss), metrics
 
+    monkeypatch.setattr(step_module, "meta_gradient", diverging)
     with pytest.raises(NonFiniteLossError, match="meta-loss is nan at iteration 5") as err:
-        fit(tiny(glyphs, tmp_path / "run"), progress=False, meta_gradient_fn=diverging)
+        fit(tiny(glyphs, tmp_path / "run"), progress=False)
     assert err.value.iteration == 5 and err.value.checkpoint == tmp_path / "run" / "last.pt"
     assert "is kept" in str(err.value) and "Lower inner_lr" in str(err.value)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -423,3 +433,63 @@ def test_tiny_omniglot_run_from_the_shared_archives(tmp_path: Path) -> None:
     evaluation = evaluate_run(tmp_path / "run", num_tasks=10, batch_size=5)
     assert (evaluation.n_way, evaluation.k_shot, evaluation.steps, evaluation.num_tasks) == (5, 1, 3, 10)
     assert 0 <= evaluation.final_accuracy <= 1
+
+
+# ------------------------------------------------------------- train_step
+def _state_and_batch(dtype: torch.dtype = torch.float64):
+    from maml_func import MAML, Conv4, TaskBatch
+    from maml_func.state import TrainState
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        algorithm = MAML(Conv4(n_way=3, hidden=8, image_size=16).to(dtype), inner_lr=0.4)
+    meta = algorithm.init()
+    state = TrainState(meta, torch.optim.Adam(algorithm.parameters(meta), lr=1.0), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    batch = TaskBatch(torch.rand(4, 3, 1, 16, 16, generator=g, dtype=dtype), torch.arange(3).repeat(4, 1),
+                      torch.rand(4, 6, 1, 16, 16, generator=g, dtype=dtype),
+                      torch.arange(3).repeat_interleave(2).repeat(4, 1))
+    return algorithm, state, batch
+
+
+def test_train_step_is_meta_gradient_then_one_optimizer_step_at_the_given_lr() -> None:
+    algorithm, state, batch = _state_and_batch()
+    twin_algorithm, twin, _ = _state_and_batch()
+    metrics = train_step(state, batch, algorithm, lr=0.01)
+    assert state.iteration == 1 and state.optimizer.param_groups[0]["lr"] == 0.01
+    # The same update by hand: the meta-gradient, then Adam at 0.01.
+    loss, per_task = meta_gradient(twin_algorithm, twin.meta, batch, 0)
+    for group in twin.optimizer.param_groups:
+        group["lr"] = 0.01
+    twin.optimizer.step()
+    assert_same_meta(state.meta, twin.meta)
+    assert metrics["loss"] == loss.item() and metrics["query_loss"] == per_task["loss"].mean().item()
+    assert metrics["accuracy"] == per_task["accuracy"].mean().item() and metrics["grad_norm"] > 0
+
+
+def test_train_step_refuses_a_non_finite_update_and_leaves_the_state_as_it_was() -> None:
+    algorithm, state, batch = _state_and_batch()
+    train_step(state, batch, algorithm, lr=0.01)
+    before = {k: v.detach().clone() for k, v in state.meta["model"].items()}
+    moments = {i: s["exp_avg"].clone() for i, s in state.optimizer.state_dict()["state"].items()}
+    poisoned = batch._replace(x_query=batch.x_query.clone().index_fill_(1, torch.tensor([0]), float("nan")))
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan at iteration 2; the update was not applied") as err:
+        train_step(state, poisoned, algorithm, lr=0.01)
+    assert err.value.iteration == 2 and err.value.quantity == "meta-loss" and err.value.checkpoint is None
+    assert state.iteration == 1
+    assert all(torch.equal(before[k], v) for k, v in state.meta["model"].items())
+    assert all(torch.equal(moments[i], s["exp_avg"]) for i, s in state.optimizer.state_dict()["state"].items())
+
+
+def test_the_meta_gradient_fn_hook_still_works_with_a_deprecation_warning(glyphs: Path) -> None:
+    calls: list[int] = []
+
+    def counting(algorithm, meta, batch, iteration):
+        calls.append(iteration)
+        return meta_gradient(algorithm, meta, batch, iteration)
+
+    with pytest.warns(DeprecationWarning, match="meta_gradient_fn is deprecated"):
+        result = fit(tiny(glyphs, None, iterations=3, val_every=0, val_tasks=3), progress=False,
+                     meta_gradient_fn=counting)
+    assert calls == [0, 1, 2] and result.iteration == 3
+    assert step_module.meta_gradient is meta_gradient  # the seam is put back

@@ -1,9 +1,10 @@
 """The MAML family of meta-learning algorithms, each over the same functional core.
 
-Every algorithm object has the same interface as :class:`MAML`: ``init()``,
-``parameters(meta)``, ``meta_loss(meta, batch, iteration)``,
-``evaluate(meta, batch, steps)``, ``adapt(meta, x_support, y_support)``.
-:func:`build` makes one by name, so switching algorithm is one argument.
+Every algorithm object has the interface of :class:`Algorithm`
+(:mod:`maml_func.algorithms.base`): ``init()``, ``parameters(meta)``,
+``meta_loss(meta, batch, iteration)``, ``evaluate(meta, batch, steps)``,
+``adapt(meta, x_support, y_support)``, ``trajectory(...)``. :func:`build`
+makes one by name, so switching algorithm is one argument.
 
 The variants are compositions, not subclasses: first-order MAML, ANIL,
 Meta-SGD and MAML++ are :class:`MAML` with an option or an inner rule set;
@@ -30,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from maml_func.algorithms.base import Algorithm
 from maml_func.algorithms.maml import MAML, multi_step_weights
 from maml_func.algorithms.reptile import Reptile
 from maml_func.inner import lslr, meta_sgd
@@ -37,6 +39,7 @@ from maml_func.inner import lslr, meta_sgd
 __all__ = [
     "ALGORITHMS",
     "MAML",
+    "Algorithm",
     "Reptile",
     "anil",
     "build",
@@ -132,7 +135,7 @@ def metasgd(model: nn.Module, *, inner_lr: float = 0.4, **kwargs: Any) -> MAML:
         torch.Size([40, 1])
     """
     _reject("metasgd", kwargs, ["rule"], "set the initial rates with inner_lr")
-    return MAML(model, inner_lr=inner_lr, rule=meta_sgd(inner_lr), **kwargs)
+    return MAML(model, rule=meta_sgd(inner_lr), **kwargs)
 
 
 def mamlpp(
@@ -165,7 +168,6 @@ def mamlpp(
     _reject("mamlpp", kwargs, ["rule"], "set the initial rates with inner_lr")
     return MAML(
         model,
-        inner_lr=inner_lr,
         inner_steps=inner_steps,
         rule=lslr(inner_lr),
         multi_step_iterations=multi_step_iterations,
@@ -179,7 +181,7 @@ def reptile(model: nn.Module, **kwargs: Any) -> Reptile:
     return Reptile(model, **kwargs)
 
 
-ALGORITHMS: dict[str, Callable[..., Any]] = {
+ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "maml": MAML,
     "fomaml": fomaml,
     "anil": anil,
@@ -189,7 +191,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
 }
 
 
-def build(name: str, model: nn.Module, **kwargs: Any) -> MAML | Reptile:
+def build(name: str, model: nn.Module, **kwargs: Any) -> Algorithm:
     """Make the algorithm called ``name`` for ``model``.
 
     Args:

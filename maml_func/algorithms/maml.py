@@ -3,8 +3,9 @@
 Write the per-task function first, batch it second: :meth:`MAML.task_metrics`
 adapts the meta-learned initialization to one task's support set and scores
 the adapted weights on its query set; :meth:`MAML.meta_loss` runs it for every
-task of a :class:`~maml_func.tasks.TaskBatch` in one ``torch.func.vmap`` pass
-(``chunk_size`` bounds memory) and averages. ``vectorize=False`` runs the same
+task of a :class:`~maml_func.tasks.TaskBatch` with
+:func:`maml_func.batching.map_tasks` (one ``torch.func.vmap`` pass,
+``chunk_size`` bounds memory) and averages. ``vectorize=False`` runs the same
 per-task function in a Python loop instead, which is what the tests compare
 against.
 
@@ -22,29 +23,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
 
-from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
-from maml_func.inner import InnerRule, adapt_trajectory, sgd
-from maml_func.system import auto_tune_malloc
+from maml_func import checks
+from maml_func.algorithms.base import (
+    Metrics, check_options, meta_parameters, resolve_rule, score, score_path, task_loss,
+)
+from maml_func.batching import map_tasks
+from maml_func.core import MetaParams, Params, combine, forward, params_and_buffers, partition
+from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
 __all__ = ["MAML", "multi_step_weights"]
 
-Metrics = dict[str, Tensor]
-_LOSSES = ("cross_entropy", "mse")
 # MAML++'s reference implementation floors the weight of every non-final step
 # at 0.03 / steps while annealing, so early steps never drop out abruptly.
 _MIN_STEP_WEIGHT = 0.03
-
-
-def _non_negative_int(fn: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{fn}: {name} must be a non-negative int, got {value!r}")
-    return value
+_DEFAULT_INNER_LR = 0.4
 
 
 def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
@@ -72,56 +67,14 @@ def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> li
         >>> multi_step_weights(4, 100, 100)
         [0.0, 0.0, 0.0, 1.0]
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"multi_step_weights: steps must be a positive int, got {steps!r}")
-    _non_negative_int("multi_step_weights", "iteration", iteration)
-    _non_negative_int("multi_step_weights", "anneal_iterations", anneal_iterations)
+    checks.integer("multi_step_weights", "steps", steps, minimum=1, expect="a positive int")
+    checks.integer("multi_step_weights", "iteration", iteration, minimum=0)
+    checks.integer("multi_step_weights", "anneal_iterations", anneal_iterations, minimum=0)
     if iteration >= anneal_iterations:
         return [0.0] * (steps - 1) + [1.0]
     start, floor = 1.0 / steps, _MIN_STEP_WEIGHT / steps
     early = max(start - iteration * start / anneal_iterations, floor)
     return [early] * (steps - 1) + [1.0 - early * (steps - 1)]
-
-
-# chunk_size="auto" on the CPU: 1 MiB of task inputs per chunk. A vmapped
-# chunk's activations are about 16x its inputs for a Conv4 (64 channels at a
-# quarter of the pixels), which keeps each activation well under glibc's 32 MiB
-# mmap ceiling; with glibc as it comes every tensor above it is a fresh mmap
-# whose pages fault in anew at every use (2.4 s of page faults in a 2.9 s
-# meta-iteration of one vmap over T=32, 2 cores), and chunks of 4 (this size for
-# Omniglot 5-way 1-shot, 15 queries) were the fastest. With glibc tuned
-# (maml_func.system, applied automatically) nothing faults, and chunks of 4 and
-# one vmap over the meta-batch ran within noise of each other over the five
-# standard workloads (2026-11-25, two runs: 2.99 s against 2.83 s and 2.92 s
-# against 3.00 s in sum), the chunks with ~600 MiB less peak memory at S=5: so
-# the same rule either way, and results that do not depend on the allocator.
-# At least 2 tasks a chunk: a chunk of one pays vmap's overhead for nothing.
-_CPU_CHUNK_INPUT_BYTES = 2**20
-
-
-def _auto_chunk_size(batch: TaskBatch) -> int | None:
-    """``chunk_size="auto"``: ``None`` (one vmap) off the CPU; on the CPU, ~1 MiB of task inputs per chunk."""
-    tasks = batch.num_tasks
-    if batch.x_support.device.type != "cpu" or tasks == 0:
-        return None
-    per_task = sum(t[0].numel() * t.element_size() for t in batch)
-    chunk = max(2, _CPU_CHUNK_INPUT_BYTES // max(per_task, 1))
-    return None if chunk >= tasks else chunk
-
-
-def _tasks_channels_last(x: Tensor) -> Tensor:
-    """Images ``[T, B, C, H, W]`` with the same values, laid out in memory as ``[B, H, W, T, C]``.
-
-    ``vmap`` folds the task axis into the channels of a grouped convolution
-    (``[B, T*C, H, W]``); with this layout that is a channels-last view, so
-    oneDNN runs every convolution of the network channels-last, about twice as
-    fast as its grouped NCHW kernels on the CPU (Conv4 5-way 1-shot, T=32, S=1,
-    chunks of 8, 2 cores: 1.24 s against 1.58 s per meta-iteration). Anything
-    that is not a 5-D float tensor is returned as is.
-    """
-    if x.dim() != 5 or not x.is_floating_point():
-        return x
-    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +83,9 @@ class MAML:
 
     Args:
         model: the template network (e.g. :class:`~maml_func.Conv4`); never mutated.
-        inner_lr: step size of the default inner rule, :func:`~maml_func.sgd`.
+        inner_lr: inner step size. Without ``rule``, the step size of
+            :func:`~maml_func.sgd` (default 0.4); with a ``rule``, read from it
+            (``rule.lr``), so leave it out or give the same value.
         inner_steps: inner updates at meta-training time (evaluation may use more).
         first_order: detach the inner gradients (first-order MAML, §5.2).
         rule: the inner update; defaults to ``sgd(inner_lr)``.
@@ -143,7 +98,8 @@ class MAML:
             the whole meta-batch on an accelerator; on the CPU, chunks of about
             1 MiB of task inputs (4 tasks of Omniglot 5-way 1-shot, 15
             queries), small enough for glibc to reuse memory instead of
-            page-faulting it in anew even when it is not tuned. Bounds the
+            page-faulting it in anew even when it is not tuned
+            (:func:`maml_func.batching.auto_chunk_size`). Bounds the
             temporaries of a chunk, not the autograd graph (see
             ``maml_func.meta_gradient``'s ``tasks_per_backward``).
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
@@ -161,15 +117,17 @@ class MAML:
 
     Example:
         >>> import torch
-        >>> from maml_func import MAML, MLP, sample_sinusoid_tasks
+        >>> from maml_func import MAML, MLP, lslr, sample_sinusoid_tasks
         >>> maml = MAML(MLP(), inner_lr=0.01, loss="mse")
         >>> meta = maml.init()
         >>> loss, metrics = maml.meta_loss(meta, sample_sinusoid_tasks(8))
         >>> loss.backward()   # meta-gradients land in meta["model"][name].grad
+        >>> MAML(MLP(), rule=lslr(0.1), loss="mse").inner_lr
+        0.1
     """
 
     model: nn.Module
-    inner_lr: float = 0.4
+    inner_lr: float | None = None
     inner_steps: int = 1
     first_order: bool = False
     rule: InnerRule | None = None
@@ -183,29 +141,18 @@ class MAML:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if not isinstance(self.model, nn.Module):
-            raise TypeError(f"{name}: model must be an nn.Module, got {type(self.model).__name__}")
-        if not isinstance(self.inner_steps, int) or isinstance(self.inner_steps, bool) or self.inner_steps < 0:
-            raise ValueError(f"{name}: inner_steps must be a non-negative int, got {self.inner_steps!r}")
-        if self.loss not in _LOSSES:
-            raise ValueError(f"{name}: loss must be one of {_LOSSES}, got {self.loss!r}")
-        if self.chunk_size != "auto" and self.chunk_size is not None and (
-            not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1
-        ):
-            raise ValueError(f"{name}: chunk_size must be a positive int, None or 'auto', got {self.chunk_size!r}")
-        if self.multi_step_iterations is not None:
-            _non_negative_int(name, "multi_step_iterations", self.multi_step_iterations)
-            if self.inner_steps < 1:
-                raise ValueError(f"{name}: the multi-step loss (multi_step_iterations="
-                                 f"{self.multi_step_iterations}) needs inner_steps >= 1, got {self.inner_steps}")
-        _non_negative_int(name, "first_order_iterations", self.first_order_iterations)
-        if self.rule is not None and not isinstance(self.rule, InnerRule):
-            raise TypeError(f"{name}: rule must be an InnerRule such as sgd(0.4) or meta_sgd(0.4), "
-                            f"got {type(self.rule).__name__}")
+        check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
+        checks.integer(name, "multi_step_iterations", self.multi_step_iterations, minimum=0, none_ok=True)
+        if self.multi_step_iterations is not None and self.inner_steps < 1:
+            raise ValueError(f"{name}: the multi-step loss (multi_step_iterations="
+                             f"{self.multi_step_iterations}) needs inner_steps >= 1, got {self.inner_steps}")
+        checks.integer(name, "first_order_iterations", self.first_order_iterations, minimum=0)
         if self.adapt_only is not None and not callable(self.adapt_only):
             raise TypeError(f"{name}: adapt_only must be a predicate on parameter names "
                             f"(e.g. lambda n: n.startswith('head.')), got {self.adapt_only!r}")
-        object.__setattr__(self, "_rule", self.rule if self.rule is not None else sgd(self.inner_lr))
+        rule, inner_lr = resolve_rule(name, self.rule, self.inner_lr, _DEFAULT_INNER_LR)
+        object.__setattr__(self, "_rule", rule)
+        object.__setattr__(self, "inner_lr", inner_lr)
 
     # ----------------------------------------------------------------- set-up
     def init(self) -> MetaParams:
@@ -223,7 +170,7 @@ class MAML:
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer: ``Adam(maml.parameters(meta))``."""
-        return [*meta["model"].values(), *meta["rule"].values()]
+        return meta_parameters(meta)
 
     # -------------------------------------------------------------- one task
     def _split(self, params: Params) -> tuple[Params, Params]:
@@ -234,18 +181,6 @@ class MAML:
             raise ValueError(f"{type(self).__name__}: adapt_only matches no parameter of the model "
                              f"(names are {sorted(params)[:6]}...); fix the predicate")
         return adapted, frozen
-
-    def _objective(self, out: Tensor, target: Tensor) -> Tensor:
-        if self.loss == "cross_entropy":
-            return F.cross_entropy(out, target)
-        return F.mse_loss(out, target)
-
-    def _score(self, params: Params, x: Tensor, y: Tensor) -> Metrics:
-        out = forward(self.model, params, dict(self.model.named_buffers()), x)
-        metrics = {"loss": self._objective(out, y)}
-        if self.loss == "cross_entropy":
-            metrics["accuracy"] = accuracy(out, y)
-        return metrics
 
     def trajectory(
         self,
@@ -265,7 +200,7 @@ class MAML:
         buffers = dict(self.model.named_buffers())
 
         def support_loss(p: Params) -> Tensor:
-            return self._objective(forward(self.model, combine(p, frozen), buffers, x_support), y_support)
+            return task_loss(self.loss, forward(self.model, combine(p, frozen), buffers, x_support), y_support)
 
         steps = self.inner_steps if steps is None else steps
         path = adapt_trajectory(
@@ -298,27 +233,14 @@ class MAML:
         first_order = self.first_order or iteration < self.first_order_iterations
         path = self.trajectory(meta, x_support, y_support, first_order=first_order)
         if self.multi_step_iterations is None or iteration >= self.multi_step_iterations:
-            return self._score(path[-1], x_query, y_query)
+            return score(self.model, path[-1], x_query, y_query, self.loss)
         weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
-        scores = [self._score(p, x_query, y_query) for p in path[1:]]
+        scores = [score(self.model, p, x_query, y_query, self.loss) for p in path[1:]]
         metrics = dict(scores[-1])
         metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, scores))
         return metrics
 
     # -------------------------------------------------------------- T tasks
-    def _batched(self, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
-        """Run a per-task ``fn(meta, xs, ys, xq, yq)`` over every task: ``vmap`` or a loop."""
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"{type(self).__name__}: expected a TaskBatch, got {type(batch).__name__}")
-        if self.vectorize:
-            chunk = _auto_chunk_size(batch) if self.chunk_size == "auto" else self.chunk_size
-            if batch.x_support.device.type == "cpu":
-                auto_tune_malloc()
-                batch = TaskBatch(*(_tasks_channels_last(t) for t in batch))
-            return vmap(fn, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)(meta, *batch)
-        per_task = [fn(meta, *task) for task in zip(*batch)]
-        return {k: torch.stack([m[k] for m in per_task]) for k in per_task[0]}
-
     def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
         """The meta-objective of a meta-batch: mean query loss after adaptation.
 
@@ -335,7 +257,7 @@ class MAML:
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
             return self.task_metrics(meta, xs, ys, xq, yq, iteration)
 
-        metrics = self._batched(fn, meta, batch)
+        metrics = self._map(fn, meta, batch)
         return metrics["loss"].mean(), metrics
 
     def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
@@ -349,7 +271,10 @@ class MAML:
         steps = self.inner_steps if steps is None else steps
 
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-            scores = [self._score(p, xq, yq) for p in self.trajectory(meta, xs, ys, steps)]
-            return {k: torch.stack([s[k] for s in scores]) for k in scores[0]}
+            return score_path(self.model, self.trajectory(meta, xs, ys, steps), xq, yq, self.loss)
 
-        return self._batched(fn, meta, batch)
+        return self._map(fn, meta, batch)
+
+    def _map(self, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
+        return map_tasks(fn, meta, batch, chunk_size=self.chunk_size, vectorize=self.vectorize,
+                         caller=type(self).__name__)

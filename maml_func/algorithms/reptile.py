@@ -18,9 +18,11 @@ to 0). With Adam the Reptile direction is treated as a gradient, as the paper
 suggests (§5 "we can treat (Φ − W) as a gradient and plug it into a more
 sophisticated optimizer like Adam"); the step size is then Adam's ``lr``.
 
-Tasks are batched with the same ``vmap`` as :class:`~maml_func.algorithms.maml.MAML`
-(composition: a first-order ``MAML`` with the same options does the batching and
-the scoring).
+It is built from the same public pieces as :class:`~maml_func.algorithms.maml.MAML`
+(:mod:`maml_func.algorithms.base`): the inner loop of :mod:`maml_func.inner`,
+whose loss here takes the step index to pick each step's mini-batch, the
+scores of :func:`~maml_func.algorithms.base.score`, and the batching over
+tasks of :func:`maml_func.batching.map_tasks`.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
-from maml_func.algorithms.maml import MAML
+from maml_func import checks
+from maml_func.algorithms.base import (
+    Metrics, check_options, meta_parameters, resolve_rule, score, score_path, task_loss,
+)
+from maml_func.batching import map_tasks
 from maml_func.core import MetaParams, Params, forward, params_and_buffers
-from maml_func.inner import InnerRule
+from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
 __all__ = ["Reptile"]
 
-Metrics = dict[str, Tensor]
+_DEFAULT_INNER_LR = 0.1
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,7 +54,8 @@ class Reptile:
 
     Args:
         model: the template network; never mutated.
-        inner_lr: step size of the default inner rule, :func:`~maml_func.sgd`.
+        inner_lr: inner step size. Without ``rule``, the step size of
+            :func:`~maml_func.sgd` (default 0.1); with a ``rule``, read from it.
         inner_steps: inner updates per task at meta-training time.
         inner_batch_size: support examples per inner step; ``None`` (or a value
             at least the support size) uses the whole support set every step.
@@ -78,7 +84,7 @@ class Reptile:
     """
 
     model: nn.Module
-    inner_lr: float = 0.1
+    inner_lr: float | None = None
     inner_steps: int = 5
     inner_batch_size: int | None = None
     rule: InnerRule | None = None
@@ -86,33 +92,22 @@ class Reptile:
     chunk_size: int | str | None = "auto"
     vectorize: bool = True
     seed: int = 0
-    _maml: MAML = field(init=False, repr=False)
+    _rule: InnerRule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        b = self.inner_batch_size
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-            raise ValueError(f"{name}: inner_batch_size must be a positive int or None, got {b!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**31:
-            raise ValueError(f"{name}: seed must be an int in [0, 2**31), got {self.seed!r}")
-        # The first-order MAML validates the shared options and lends its vmap
-        # batching, objective and scoring: composition instead of a subclass.
-        maml = MAML(
-            self.model,
-            inner_lr=self.inner_lr,
-            inner_steps=self.inner_steps,
-            first_order=True,
-            rule=self.rule,
-            loss=self.loss,
-            chunk_size=self.chunk_size,
-            vectorize=self.vectorize,
-        )
-        rule_params = maml._rule.init(dict(self.model.named_parameters()), self.inner_steps)
-        if rule_params:
-            raise ValueError(f"{name}: the inner rule has meta-learned parameters ({sorted(rule_params)[:3]}...), "
+        checks.integer(name, "inner_batch_size", self.inner_batch_size, minimum=1, none_ok=True,
+                       expect="a positive int or None")
+        checks.integer(name, "seed", self.seed, minimum=0, maximum=2**31 - 1, expect="an int in [0, 2**31)")
+        check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
+        rule, inner_lr = resolve_rule(name, self.rule, self.inner_lr, _DEFAULT_INNER_LR)
+        learned = rule.init(dict(self.model.named_parameters()), self.inner_steps)
+        if learned:
+            raise ValueError(f"{name}: the inner rule has meta-learned parameters ({sorted(learned)[:3]}...), "
                              "which Reptile cannot train (its update has no gradient for them); "
                              "use sgd(lr), or MAML with this rule")
-        object.__setattr__(self, "_maml", maml)
+        object.__setattr__(self, "_rule", rule)
+        object.__setattr__(self, "inner_lr", inner_lr)
 
     # ----------------------------------------------------------------- set-up
     def init(self) -> MetaParams:
@@ -122,9 +117,12 @@ class Reptile:
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer."""
-        return [*meta["model"].values(), *meta["rule"].values()]
+        return meta_parameters(meta)
 
     # -------------------------------------------------------------- one task
+    def _steps(self, steps: int | None) -> int:
+        return self.inner_steps if steps is None else checks.integer(type(self).__name__, "steps", steps, minimum=0)
+
     def _order(self, support_size: int, steps: int, iteration: int) -> Tensor | None:
         """``[steps, inner_batch_size]`` support indices of every inner step, or ``None`` (whole set).
 
@@ -134,8 +132,7 @@ class Reptile:
         b = self.inner_batch_size
         if b is None or b >= support_size or steps == 0:
             return None
-        if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 <= iteration < 2**32:
-            raise ValueError(f"Reptile: iteration must be an int in [0, 2**32), got {iteration!r}")
+        checks.integer("Reptile", "iteration", iteration, minimum=0, maximum=2**32 - 1, expect="an int in [0, 2**32)")
         generator = torch.Generator().manual_seed((self.seed << 32) + iteration)
         epochs = math.ceil(steps * b / support_size)
         stream = torch.cat([torch.randperm(support_size, generator=generator) for _ in range(epochs)])
@@ -144,31 +141,24 @@ class Reptile:
     def _trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int, order: Tensor | None
     ) -> list[Params]:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"Reptile: steps must be a non-negative int, got {steps!r}")
         buffers = dict(self.model.named_buffers())
 
-        def batch_loss(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: self._maml._objective(forward(self.model, p, buffers, x), y)
-
-        params = dict(meta["model"])
-        path = [params]
-        for i in range(steps):
-            if order is None:
-                x, y = x_support, y_support
-            else:
+        def support_loss(p: Params, i: int) -> Tensor:
+            x, y = x_support, y_support
+            if order is not None:
                 idx = order[i].to(x_support.device)
                 x, y = x_support.index_select(0, idx), y_support.index_select(0, idx)
-            grads = {k: g.detach() for k, g in grad(batch_loss(x, y))(params).items()}
-            params = self._maml._rule.step(params, grads, meta["rule"], i)
-            path.append(params)
-        return path
+            return task_loss(self.loss, forward(self.model, p, buffers, x), y)
+
+        # No gradient flows through Reptile's inner loop, so it is first order by definition.
+        return adapt_trajectory(support_loss, dict(meta["model"]), rule=self._rule, rule_params=meta["rule"],
+                                steps=steps, first_order=True, indexed=True)
 
     def trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
     ) -> list[Params]:
         """Params after 0..``steps`` inner updates on one task (mini-batch order of iteration 0)."""
-        steps = self.inner_steps if steps is None else steps
+        steps = self._steps(steps)
         order = self._order(x_support.shape[0], steps, 0)
         return self._trajectory(meta, x_support, y_support, steps, order)
 
@@ -199,11 +189,11 @@ class Reptile:
             # Adapt from a detached copy: no graph through the inner loop at all.
             start = {"model": {k: v.detach() for k, v in meta["model"].items()}, "rule": meta["rule"]}
             adapted = {k: v.detach() for k, v in self._trajectory(start, xs, ys, self.inner_steps, order)[-1].items()}
-            metrics = self._maml._score(adapted, xq, yq)
+            metrics = score(self.model, adapted, xq, yq, self.loss)
             metrics["distance"] = 0.5 * sum((meta["model"][k] - adapted[k]).square().sum() for k in adapted)
             return metrics
 
-        metrics = self._maml._batched(fn, meta, batch)
+        metrics = self._map(fn, meta, batch)
         return metrics["distance"].mean(), metrics
 
     def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
@@ -213,11 +203,14 @@ class Reptile:
             ``{"loss": [T, steps+1], "accuracy": [T, steps+1]}`` (no accuracy
             for ``loss="mse"``). Wrap in ``torch.no_grad()`` for evaluation.
         """
-        steps = self.inner_steps if steps is None else steps
+        steps = self._steps(steps)
         order = self._order(batch.x_support.shape[1], steps, 0)
 
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-            scores = [self._maml._score(p, xq, yq) for p in self._trajectory(meta, xs, ys, steps, order)]
-            return {k: torch.stack([s[k] for s in scores]) for k in scores[0]}
+            return score_path(self.model, self._trajectory(meta, xs, ys, steps, order), xq, yq, self.loss)
 
-        return self._maml._batched(fn, meta, batch)
+        return self._map(fn, meta, batch)
+
+    def _map(self, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
+        return map_tasks(fn, meta, batch, chunk_size=self.chunk_size, vectorize=self.vectorize,
+                         caller=type(self).__name__)

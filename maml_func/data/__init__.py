@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from maml_func import checks
 from maml_func.data.classes import ImageClasses
 from maml_func.data.folder import load_folder
 from maml_func.data.omniglot import download_omniglot, load_omniglot, omniglot_splits
@@ -68,7 +69,7 @@ def load_dataset(
     """
     if not isinstance(dataset, (str, Path)):
         raise TypeError(f"load_dataset: dataset must be 'omniglot' or a folder path, got {type(dataset).__name__}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not checks.is_int(seed):
         raise TypeError(f"load_dataset: seed must be an int, got {seed!r}")
     if isinstance(dataset, str) and dataset.lower() == "omniglot":
         if channels not in (None, 1):

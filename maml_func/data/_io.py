@@ -1,19 +1,16 @@
 """Shared by the loaders: decoding one image, and the on-disk cache of decoded classes.
 
-Decoding thousands of small images takes seconds (Omniglot: about 12 s for its
-32 460 PNGs on one core); the cache makes every later load a single
-``torch.load``. A cache is written to a temporary file and moved into place
-(``os.replace``), so a crash never leaves a half-written cache under the real
-name; a cache that cannot be read anyway (truncated by a full disk, edited) is
-reported with a warning and rebuilt, never trusted.
+Decoding thousands of small images is slow next to reading one tensor file, so
+the decoded classes are cached and every later load is a single ``torch.load``.
+A cache is written with :func:`~maml_func.atomic.atomic_write`, so a crash never
+leaves a half-written cache under the real name; a cache that cannot be read
+anyway (truncated by a full disk, edited) is reported with a warning and
+rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from maml_func import checks
+from maml_func.atomic import atomic_write
 from maml_func.data.classes import ImageClasses
 
 CACHE_FORMAT = 1
@@ -55,46 +54,43 @@ def write_cache(path: Path, classes: ImageClasses, meta: dict[str, Any]) -> None
     """Save ``classes`` (on the CPU) and ``meta`` to ``path`` atomically; warn if the folder is not writable."""
     payload = {"format": CACHE_FORMAT, "images": classes.images.cpu(), "counts": classes.counts.cpu(),
                "names": list(classes.names), "meta": meta}
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: torch.save(payload, f))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (disk full) as RuntimeError
-        warnings.warn(f"could not write the cache {path} ({exc}); the data will be decoded again on the next "
+        warnings.warn(f"could not write the cache {path} ({checks.brief(exc)}); the data will be decoded again on the next "
                       "load. Point root at a writable folder to keep a cache.", stacklevel=3)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
-def read_cache(path: Path, meta: dict[str, Any]) -> ImageClasses | None:
-    """The classes cached at ``path`` if it exists, is readable and was written with ``meta``; else ``None``.
+def inspect_cache(path: Path, meta: dict[str, Any]) -> tuple[ImageClasses | None, str | None]:
+    """``(classes, None)`` for a good cache of ``meta``; ``(None, damage)`` for a damaged one; else ``(None, None)``.
 
-    A cache that exists but is unreadable or inconsistent is reported with a
-    warning (it will be rebuilt); one written for other settings is silently
-    ignored (its name differs in practice, so this only guards against a mix-up).
+    ``damage`` says what is wrong with a cache that exists but cannot be used
+    (unreadable: truncated or corrupt; or inconsistent). A cache written for
+    other settings is not damage: its name differs in practice, so this only
+    guards against a mix-up. Warns about nothing: the caller knows whether the
+    data can be rebuilt, and says so once.
     """
     if not path.is_file():
-        return None
+        return None, None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - damage fails in many ways (zip, pickle, EOF); all mean "rebuild"
-        warnings.warn(f"the cache {path} is unreadable ({type(exc).__name__}: {exc}); it is probably truncated "
-                      "or corrupt, so it is rebuilt from the source images.", stacklevel=3)
-        return None
+        return None, f"unreadable ({type(exc).__name__}: {checks.brief(exc)}); it is probably truncated or corrupt"
     problem = _cache_problem(payload)
     if problem is not None:
-        warnings.warn(f"the cache {path} is inconsistent ({problem}); it is rebuilt from the source images.",
-                      stacklevel=3)
-        return None
+        return None, f"inconsistent ({problem})"
     if payload["meta"] != meta:
-        return None
-    return ImageClasses(payload["images"], payload["counts"], payload["names"])
+        return None, None
+    return ImageClasses(payload["images"], payload["counts"], payload["names"]), None
+
+
+def read_cache(path: Path, meta: dict[str, Any]) -> ImageClasses | None:
+    """The classes cached at ``path`` (see :func:`inspect_cache`); a damaged cache is warned about and rebuilt."""
+    classes, damage = inspect_cache(path, meta)
+    if damage is not None:
+        warnings.warn(f"the cache {path} is {damage}, so it is rebuilt from the source images.", stacklevel=3)
+    return classes
 
 
 def _cache_problem(payload: Any) -> str | None:

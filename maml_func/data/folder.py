@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from maml_func import checks
 from maml_func.data._io import CACHE_FORMAT, decode_image, read_cache, write_cache
 from maml_func.data.classes import ImageClasses
 
@@ -69,8 +70,7 @@ def load_folder(
         >>> classes.images.shape  # doctest: +SKIP
         torch.Size([64, 600, 3, 84, 84])
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"load_folder: image_size must be a positive int, got {image_size!r}")
+    checks.integer("load_folder", "image_size", image_size, minimum=1, expect="a positive int")
     if channels not in (None, 1, 3):
         raise ValueError(f"load_folder: channels must be 1, 3 or None (infer), got {channels!r}")
     root = Path(path).expanduser()
@@ -129,7 +129,7 @@ def _scan(root: Path, skip_bad_files: bool) -> list[tuple[str, list[Path]]]:
     if empty:
         message = f"load_folder: {len(empty)} class folder(s) hold no images: {empty[:3]}"
         if not skip_bad_files:
-            raise ValueError(f"{message}; add images or remove them (or pass skip_bad_files=True to skip them)")
+            raise ValueError(f"{message}; add images or remove them (or pass skip_bad_files=True, --skip-bad-files on the command line, to skip them)")
         warnings.warn(f"{message}; skipped", stacklevel=3)
     if not classes:
         raise ValueError(f"load_folder: {root} holds no class folders with images; {_LAYOUT_HELP}")
@@ -162,9 +162,9 @@ def _decode(
                 image, is_color = decode_image(file, image_size, mode)
             except Exception as exc:  # noqa: BLE001 - PIL fails in many ways on a bad file; all mean "not an image"
                 if not skip_bad_files:
-                    raise ValueError(f"load_folder: {file} is not a readable image ({type(exc).__name__}: {exc}); "
-                                     "delete or move it, or pass skip_bad_files=True to skip such files "
-                                     "with a warning") from exc
+                    raise ValueError(f"load_folder: {file} is not a readable image ({type(exc).__name__}: {checks.brief(exc)}); "
+                                     "delete or move it, or pass skip_bad_files=True (--skip-bad-files on the "
+                                     "command line) to skip such files with a warning") from exc
                 bad.append(str(file))
                 continue
             images[i, counts[i]] = image

@@ -48,12 +48,15 @@ import os
 import shutil
 import tempfile
 import urllib.error
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
-from maml_func.data._io import decode_image, read_cache, write_cache
+from maml_func import checks
+from maml_func.atomic import atomic_write
+from maml_func.data._io import decode_image, inspect_cache, write_cache
 from maml_func.data.classes import ImageClasses
 
 __all__ = ["download_omniglot", "load_omniglot", "omniglot_splits"]
@@ -152,12 +155,11 @@ def load_omniglot(
         >>> omniglot.images.shape  # doctest: +SKIP
         torch.Size([1623, 20, 1, 28, 28])
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ValueError(f"load_omniglot: image_size must be a positive int, got {image_size!r}")
+    checks.integer("load_omniglot", "image_size", image_size, minimum=1, expect="a positive int")
     root = Path(root).expanduser()
     cache = root / f"omniglot_{image_size}px.pt"
     meta = {"dataset": "omniglot", "image_size": image_size, "layout": [list(v) for v in _LAYOUT.values()]}
-    cached = read_cache(cache, meta)
+    cached, damage = inspect_cache(cache, meta)
     if cached is not None:
         return cached
 
@@ -167,11 +169,15 @@ def load_omniglot(
         folder = root
         if any(_find_part(root, part) is None for part in _LAYOUT):
             if not download:
+                found = (f"only the cache {cache}, which is {damage}" if damage is not None else "no Omniglot data "
+                         "(expected images_background.zip and images_evaluation.zip, their extracted folders, or a "
+                         "cache omniglot_<size>px.pt)")
                 raise FileNotFoundError(
-                    f"load_omniglot: {root} holds no Omniglot data (expected images_background.zip and "
-                    "images_evaluation.zip, their extracted folders, or a cache omniglot_<size>px.pt); pass "
-                    "download=True to fetch the official archives, or source=<folder holding them>")
+                    f"load_omniglot: {root} holds {found}; pass download=True to fetch the official archives, or "
+                    "source=<folder holding them>")
             download_omniglot(root)
+    if damage is not None:
+        warnings.warn(f"the cache {cache} is {damage}, so it is rebuilt from the source images.", stacklevel=2)
 
     parts = []
     for part in _LAYOUT:
@@ -202,8 +208,7 @@ def omniglot_splits(classes: ImageClasses, split: str = "maml", seed: int = 0) -
         >>> {k: len(v) for k, v in splits.items()}  # doctest: +SKIP
         {'train': 1100, 'val': 100, 'test': 423}
     """
-    if split not in SPLITS:
-        raise ValueError(f"omniglot_splits: split must be one of {SPLITS}, got {split!r}")
+    checks.choice("omniglot_splits", "split", split, SPLITS)
     n_background = _LAYOUT["images_background"][1]
     expected = sum(c for _, c in _LAYOUT.values())
     if len(classes) != expected:
@@ -246,7 +251,7 @@ def _characters(location: Path, part: str) -> _Characters:
             with zipfile.ZipFile(location) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile as exc:
-            raise ValueError(f"Omniglot: {location} is not a readable zip archive ({exc}); re-download it "
+            raise ValueError(f"Omniglot: {location} is not a readable zip archive ({checks.brief(exc)}); re-download it "
                              "(download=True into an empty root) or point source at a good copy") from exc
         for name in names:
             bits = name.split("/")
@@ -283,7 +288,7 @@ def _decode(parts: list[tuple[Path, _Characters]], image_size: int) -> ImageClas
                         data = archive.read(file) if archive is not None else Path(file).read_bytes()
                         images[row, j], _ = decode_image(data, image_size, "L", invert=True)
                     except Exception as exc:  # noqa: BLE001 - PIL and zipfile fail in many ways; name the file
-                        raise ValueError(f"Omniglot: cannot decode {file} in {location} ({exc}); the copy is "
+                        raise ValueError(f"Omniglot: cannot decode {file} in {location} ({checks.brief(exc)}); the copy is "
                                          "damaged, re-download it or point source at a good copy") from exc
                 names.append(name)
     return ImageClasses(images, torch.full((n_classes,), _DRAWINGS, dtype=torch.int64), names)
@@ -326,7 +331,7 @@ def _download(part: str, root: Path) -> None:
         try:
             download_url(URL + filename, tmp, filename=filename)
         except (urllib.error.URLError, OSError) as exc:
-            raise ConnectionError(f"download_omniglot: could not download {URL + filename} ({exc}); without "
+            raise ConnectionError(f"download_omniglot: could not download {URL + filename} ({checks.brief(exc)}); without "
                                   "internet, pass source=<folder holding images_background.zip and "
                                   "images_evaluation.zip>") from exc
         fetched = Path(tmp) / filename
@@ -364,7 +369,4 @@ def _copy_into(location: Path, dest: Path, root: Path) -> None:
 def _record(root: Path, name: str, md5: str) -> None:
     record = _trusted(root)
     record[name] = md5
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{_TRUSTED}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, root / _TRUSTED)
+    atomic_write(root / _TRUSTED, json.dumps(record, indent=1, sort_keys=True))

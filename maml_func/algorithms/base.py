@@ -1,0 +1,174 @@
+"""What every algorithm of the family is, and the pieces they are built from.
+
+:class:`Algorithm` is the interface as a type (in the manner of optax's
+``GradientTransformation`` protocol): what training, evaluation and the CLI
+rely on, and nothing else. An algorithm is then put together from public
+pieces, each usable on its own:
+
+- the per-task objective and scores: :func:`task_loss`, :func:`score`,
+  :func:`score_path`;
+- the inner loop: :func:`maml_func.inner.adapt_trajectory` with an
+  :class:`~maml_func.inner.InnerRule`, resolved from the constructor's
+  ``inner_lr``/``rule`` by :func:`resolve_rule`;
+- the batching over tasks: :func:`maml_func.batching.map_tasks`;
+- the checks of the options every algorithm has: :func:`check_options`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maml_func import checks
+from maml_func.batching import check_chunk_size, stack_metrics
+from maml_func.core import MetaParams, Params, accuracy, forward
+from maml_func.inner import InnerRule, sgd
+from maml_func.tasks import TaskBatch
+
+__all__ = [
+    "LOSSES",
+    "Algorithm",
+    "Metrics",
+    "check_options",
+    "meta_parameters",
+    "resolve_rule",
+    "score",
+    "score_path",
+    "task_loss",
+]
+
+#: Named per-task (or per-task, per-step) results: ``{"loss": ..., "accuracy": ...}``.
+Metrics = dict[str, Tensor]
+
+_LOSS_FNS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
+#: The per-task objectives by name; ``"cross_entropy"`` also reports accuracy.
+LOSSES = tuple(_LOSS_FNS)
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """The interface of every meta-learning algorithm (:class:`~maml_func.MAML`, :class:`~maml_func.Reptile`).
+
+    Meta-parameters are ``{"model": Params, "rule": Params}``; one task is
+    ``x_support [S, ...]``, ``y_support [S]``; a meta-batch is a
+    :class:`~maml_func.tasks.TaskBatch` of T tasks.
+
+    Example:
+        >>> from maml_func import MLP, build
+        >>> isinstance(build("reptile", MLP(), loss="mse"), Algorithm)
+        True
+    """
+
+    @property
+    def model(self) -> nn.Module:
+        """The template network; never mutated."""
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner updates at meta-training time (the default of ``steps`` below)."""
+
+    @property
+    def chunk_size(self) -> int | str | None:
+        """Tasks per ``vmap`` chunk, ``None`` or ``"auto"`` (see :mod:`maml_func.batching`)."""
+
+    @property
+    def vectorize(self) -> bool:
+        """``False``: tasks run in a Python loop instead of ``vmap``."""
+
+    def init(self) -> MetaParams:
+        """Fresh meta-parameters, every leaf with ``requires_grad``."""
+
+    def parameters(self, meta: MetaParams) -> list[Tensor]:
+        """Every meta-learned tensor of ``meta``, for an optimizer."""
+
+    def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
+        """``(loss [], per-task metrics [T])``; ``loss.backward()`` gives the meta-gradient."""
+
+    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
+        """Query metrics after each of 0..``steps`` inner updates, ``[T, steps + 1]``."""
+
+    def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
+        """Params adapted to one task's support set."""
+
+    def trajectory(
+        self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
+    ) -> list[Params]:
+        """Params after each of 0..``steps`` inner updates on one task's support set."""
+
+
+def task_loss(loss: str, out: Tensor, target: Tensor) -> Tensor:
+    """The objective ``loss`` (one of :data:`LOSSES`) of a model's output on one task.  ``[B, ...], [B] -> []``
+
+    Example:
+        >>> import torch
+        >>> task_loss("mse", torch.zeros(2, 1), torch.ones(2, 1))
+        tensor(1.)
+    """
+    return _LOSS_FNS[checks.choice("task_loss", "loss", loss, LOSSES)](out, target)
+
+
+def score(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: str) -> Metrics:
+    """``{"loss": [], "accuracy": []}`` of ``model`` run with ``params`` on ``(x, y)``.
+
+    Accuracy only for ``loss="cross_entropy"``. The model's buffers are its own.
+    """
+    out = forward(model, params, dict(model.named_buffers()), x)
+    metrics = {"loss": task_loss(loss, out, y)}
+    if loss == "cross_entropy":
+        metrics["accuracy"] = accuracy(out, y)
+    return metrics
+
+
+def score_path(model: nn.Module, path: Sequence[Params], x: Tensor, y: Tensor, loss: str) -> Metrics:
+    """:func:`score` of every params along an inner-loop path, stacked: each value ``[len(path)]``."""
+    return stack_metrics([score(model, p, x, y, loss) for p in path])
+
+
+def meta_parameters(meta: MetaParams) -> list[Tensor]:
+    """Every meta-learned tensor: the initialization's, then the rule's."""
+    return [*meta["model"].values(), *meta["rule"].values()]
+
+
+def check_options(where: str, model: Any, inner_steps: Any, loss: Any, chunk_size: Any) -> None:
+    """Check the options every algorithm has, with ``where`` (the algorithm's name) in each message."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    checks.integer(where, "inner_steps", inner_steps, minimum=0)
+    checks.choice(where, "loss", loss, LOSSES)
+    check_chunk_size(where, chunk_size)
+
+
+def resolve_rule(where: str, rule: Any, inner_lr: Any, default_lr: float) -> tuple[InnerRule, float | None]:
+    """The inner rule an algorithm runs, and its inner step size: ``(rule, inner_lr)``.
+
+    The rule is the one source of the step size. Without a rule it is
+    ``sgd(inner_lr)`` (``sgd(default_lr)`` when ``inner_lr`` is ``None``); with
+    one, ``inner_lr`` is read from its ``lr``, and an ``inner_lr`` given as
+    well must agree with it. A rule that declares no ``lr`` keeps ``inner_lr``
+    as given.
+
+    Example:
+        >>> from maml_func import lslr
+        >>> resolve_rule("MAML", lslr(0.1), None, 0.4)[1]
+        0.1
+        >>> resolve_rule("MAML", lslr(0.1), 0.4, 0.4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: MAML: inner_lr=0.4 contradicts the step size of the rule (0.1); leave inner_lr out ...
+    """
+    checks.number(where, "inner_lr", inner_lr, positive=True, none_ok=True)
+    if rule is None:
+        rule = sgd(default_lr if inner_lr is None else inner_lr)
+        return rule, rule.lr
+    if not isinstance(rule, InnerRule):
+        raise TypeError(f"{where}: rule must be an InnerRule such as sgd(0.4) or meta_sgd(0.4), "
+                        f"got {type(rule).__name__}")
+    if rule.lr is None:
+        return rule, inner_lr
+    if inner_lr is not None and float(inner_lr) != rule.lr:
+        raise ValueError(f"{where}: inner_lr={inner_lr!r} contradicts the step size of the rule ({rule.lr!r}); "
+                         "leave inner_lr out (it is read from the rule) or build the rule with the step size you want")
+    return rule, rule.lr

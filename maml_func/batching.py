@@ -1,0 +1,184 @@
+"""How a per-task function runs over the tasks of a meta-batch: the execution policy, per device.
+
+An algorithm writes its per-task function first, ``fn(meta, xs, ys, xq, yq)
+-> metrics`` on one task's tensors, and :func:`map_tasks` runs it over every
+task of a :class:`~maml_func.tasks.TaskBatch`, with ``torch.func.vmap`` or, for
+reference, a Python loop. Everything that depends on the device lives here,
+each choice with its reason beside it; none of it changes a result, only the
+time and the memory it takes (``benchmarks/README.md`` has the measurements):
+
+========  =====================================================================
+device    policy
+========  =====================================================================
+CPU       ``chunk_size="auto"``: chunks of about 1 MiB of task inputs
+          (:func:`auto_chunk_size`); image inputs laid out so that the grouped
+          convolutions run channels-last (:func:`tasks_channels_last`); glibc
+          told to keep freed memory (:func:`maml_func.system.auto_tune_malloc`)
+other     one ``vmap`` over the whole meta-batch; inputs as they come
+========  =====================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from maml_func import checks
+from maml_func.system import auto_tune_malloc
+from maml_func.tasks import TaskBatch
+
+__all__ = ["TaskFn", "auto_chunk_size", "check_chunk_size", "map_tasks", "stack_metrics", "tasks_channels_last"]
+
+#: ``(meta, x_support, y_support, x_query, y_query) -> metrics`` on one task's tensors.
+TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
+
+# A vmapped chunk's activations are about 16x its inputs for a Conv4 (64
+# channels at a quarter of the pixels), so 1 MiB of inputs keeps each
+# activation under glibc's 32 MiB mmap ceiling: untuned glibc then reuses
+# memory instead of faulting fresh pages in at every use, and tuned it runs as
+# fast as one vmap with less peak memory, so one rule serves either allocator
+# (benchmarks/README.md, "Where the time goes on the CPU").
+_CPU_CHUNK_INPUT_BYTES = 2**20
+# A chunk of one task pays vmap's overhead and gains nothing from it.
+_MIN_CHUNK = 2
+
+
+def check_chunk_size(where: str, value: Any) -> int | str | None:
+    """``value`` if it is a valid ``chunk_size``: a positive int, ``None`` or ``"auto"``.
+
+    Example:
+        >>> check_chunk_size("MAML", "auto"), check_chunk_size("MAML", 4)
+        ('auto', 4)
+        >>> check_chunk_size("MAML", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: MAML: chunk_size must be a positive int, None or 'auto', got 0
+    """
+    if isinstance(value, str) and value == "auto":
+        return value
+    return checks.integer(where, "chunk_size", value, minimum=1, none_ok=True, expect="a positive int, None or 'auto'")
+
+
+def auto_chunk_size(batch: TaskBatch) -> int | None:
+    """What ``chunk_size="auto"`` means for ``batch``: tasks per ``vmap`` chunk, ``None`` for one ``vmap``.
+
+    On the CPU, as many tasks as hold about 1 MiB of inputs (support and query
+    together), at least 2, and ``None`` when the whole meta-batch fits. On any
+    other device ``None``: device allocators (CUDA's caching allocator) reuse
+    freed blocks, so the page faults that chunks avoid on the CPU do not
+    arise there, and one ``vmap`` gives the widest kernels.
+
+    Example:
+        >>> from maml_func import sample_sinusoid_tasks
+        >>> auto_chunk_size(sample_sinusoid_tasks(8)) is None   # a few KiB per task: one vmap
+        True
+    """
+    tasks = batch.num_tasks
+    # Off the CPU: device allocators reuse freed blocks, so nothing to avoid; one vmap, widest kernels.
+    if batch.x_support.device.type != "cpu" or tasks == 0:
+        return None
+    per_task = sum(t[0].numel() * t.element_size() for t in batch)
+    chunk = max(_MIN_CHUNK, _CPU_CHUNK_INPUT_BYTES // max(per_task, 1))
+    return None if chunk >= tasks else chunk
+
+
+def tasks_channels_last(x: Tensor) -> Tensor:
+    """Images ``[T, B, C, H, W]`` with the same values, laid out in memory as ``[B, H, W, T, C]``.
+
+    ``vmap`` folds the task axis into the channels of a grouped convolution
+    (``[B, T*C, H, W]``); with this layout that folded tensor is a
+    channels-last view, and oneDNN's channels-last kernels are much faster on
+    the CPU than its grouped NCHW ones (benchmarks/README.md, "Where the time
+    goes on the CPU"). Anything that is not a 5-D float tensor is returned as is.
+
+    Example:
+        >>> import torch
+        >>> x = torch.rand(4, 6, 3, 5, 5)
+        >>> y = tasks_channels_last(x)
+        >>> torch.equal(x, y), y.movedim(0, 1).reshape(6, 12, 5, 5).is_contiguous(memory_format=torch.channels_last)
+        (True, True)
+    """
+    if x.dim() != 5 or not x.is_floating_point():
+        return x
+    return x.permute(1, 3, 4, 0, 2).contiguous().permute(3, 0, 4, 1, 2)
+
+
+def stack_metrics(metrics: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """``[{"loss": [...]}, ...] -> {"loss": [len(metrics), ...]}``: one stacked tensor per key.
+
+    Example:
+        >>> import torch
+        >>> stack_metrics([{"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)}])
+        {'loss': tensor([1., 2.])}
+    """
+    return {k: torch.stack([m[k] for m in metrics]) for k in metrics[0]}
+
+
+def map_tasks(
+    fn: TaskFn,
+    meta: Any,
+    batch: TaskBatch,
+    *,
+    chunk_size: int | str | None = "auto",
+    vectorize: bool = True,
+    caller: str = "map_tasks",
+) -> dict[str, Tensor]:
+    """Run a per-task ``fn(meta, xs, ys, xq, yq) -> metrics`` over every task of ``batch``.
+
+    Args:
+        fn: the per-task function; ``meta`` is shared, the other four are one
+            task's ``x_support [S, ...]``, ``y_support [S]``, ``x_query [Q, ...]``,
+            ``y_query [Q]``. It returns a dict of tensors of fixed shapes.
+        meta: passed to every call of ``fn`` unbatched (``vmap`` in_dims ``None``).
+        batch: T tasks.
+        chunk_size: tasks per ``vmap`` chunk; ``None`` runs all T at once,
+            ``"auto"`` asks :func:`auto_chunk_size`.
+        vectorize: ``False`` calls ``fn`` task by task in a Python loop (the
+            reference the vectorized path is tested against).
+        caller: the name that error messages start with (the algorithm's).
+
+    Returns:
+        ``fn``'s metrics with a leading task axis, e.g. ``{"loss": [T]}``.
+
+    Example:
+        >>> from maml_func import sample_sinusoid_tasks
+        >>> fn = lambda meta, xs, ys, xq, yq: {"loss": (meta * ys).square().mean()}
+        >>> map_tasks(fn, 2.0, sample_sinusoid_tasks(8))["loss"].shape
+        torch.Size([8])
+    """
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"{caller}: expected a TaskBatch, got {type(batch).__name__}")
+    check_chunk_size(caller, chunk_size)
+    try:
+        if not vectorize:
+            return stack_metrics([fn(meta, *task) for task in zip(*batch)])
+        chunk = auto_chunk_size(batch) if chunk_size == "auto" else chunk_size
+        if batch.x_support.device.type == "cpu":
+            # glibc otherwise hands big freed blocks back to the OS and faults them in anew (maml_func.system).
+            auto_tune_malloc()
+            # vmap folds the tasks into the convolutions' channels: this layout makes that fold channels-last.
+            batch = TaskBatch(*(tasks_channels_last(t) for t in batch))
+        return vmap(fn, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)(meta, *batch)
+    except (IndexError, RuntimeError) as err:
+        _explain_labels(caller, batch, err)
+        raise
+
+
+def _explain_labels(caller: str, batch: TaskBatch, err: Exception) -> None:
+    """Turn a kernel's "target out of bounds" into a message with the fix; looked at only after a failure.
+
+    Checking the labels up front would read them on the host every step (a
+    device sync); the sampler's own batches are valid by construction, so the
+    check runs only when something already failed.
+    """
+    labels = [y for y in (batch.y_support, batch.y_query) if not y.is_floating_point() and y.numel()]
+    if not labels or "out of bounds" not in str(err):
+        return
+    low, high = min(int(y.min()) for y in labels), max(int(y.max()) for y in labels)
+    raise ValueError(f"{caller}: the task labels must be class indices 0..n_way-1 of the model's outputs, but "
+                     f"they run from {low} to {high} ({checks.brief(err)}); label each task's classes 0..n_way-1 "
+                     f"(as EpisodeSampler does), or give the model {high + 1} outputs") from None

@@ -1,0 +1,232 @@
+"""What a run is made of, and what is done with a finished one.
+
+From a :class:`~maml_func.config.TrainConfig`: the device
+(:func:`resolve_device`), the class splits (:func:`load_splits`), the model and
+the algorithm (:func:`build_algorithm`). From a checkpoint: :func:`load_run`
+(the model and meta-parameters, to use in Python) and :func:`evaluate_run`
+(the few-shot evaluation protocol on held-out classes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maml_func import checks
+from maml_func.algorithms import build
+from maml_func.atomic import removed_on_failure
+from maml_func.config import TrainConfig
+from maml_func.core import MetaParams
+from maml_func.data import load_dataset
+from maml_func.distributed import World
+from maml_func.evaluate import EvalResult, evaluate
+from maml_func.models import Conv4
+from maml_func.rundir import BEST, LAST
+from maml_func.state import Checkpoint, load_meta
+from maml_func.tasks import EpisodeSampler
+
+__all__ = ["TrainResult", "build_algorithm", "evaluate_run", "load_run", "load_splits", "resolve_device",
+           "task_sampler"]
+
+
+@dataclass
+class TrainResult:
+    """A trained (or loaded) run.
+
+    Attributes:
+        config: the run's configuration (``channels`` resolved from the data).
+        model: the template ``Conv4``. algorithm: the algorithm object.
+        meta: the meta-parameters after the last iteration.
+        iteration: iterations completed.
+        best_val_accuracy, best_iteration: best validation accuracy and when (``None`` without validation).
+        run_dir: the run directory (``None`` when nothing was written).
+        history: the records of ``metrics.jsonl``.
+        stopped: ``"completed"``, ``"time_limit"``, ``"interrupted"`` or ``"loaded"``.
+    """
+
+    config: TrainConfig
+    model: nn.Module
+    algorithm: Any
+    meta: MetaParams
+    iteration: int
+    best_val_accuracy: float | None = None
+    best_iteration: int | None = None
+    run_dir: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = "completed"
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.run_dir / LAST if self.run_dir is not None else None
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        """``best.pt`` when validation wrote one, else ``None``."""
+        path = self.run_dir / BEST if self.run_dir is not None else None
+        return path if path is not None and path.exists() else None
+
+
+def resolve_device(name: str, me: World | None = None) -> torch.device:
+    """The device named by ``config.device``; under ``torch.distributed``, ``cuda`` means ``cuda:LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and me is not None and me.size > 1:
+        device = torch.device("cuda", me.local_rank)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"fit: device {name!r} was asked for but CUDA is not available here; pass device='cpu'")
+    return device
+
+
+def build_algorithm(config: TrainConfig, *, in_channels: int | None = None) -> tuple[nn.Module, Any]:
+    """The ``Conv4`` and the algorithm that ``config`` describes (weights from the global RNG).
+
+    Args:
+        config: the run's configuration.
+        in_channels: image channels (default: ``config.channels``, else 1).
+
+    Raises:
+        ValueError: when the algorithm rejects the config's options.
+    """
+    channels = in_channels if in_channels is not None else (config.channels or 1)
+    model = Conv4(n_way=config.n_way, in_channels=channels, hidden=config.hidden, image_size=config.image_size)
+    options: dict[str, Any] = {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps,
+                               "chunk_size": config.chunk_size, **config.algorithm_options}
+    if config.first_order:
+        options["first_order"] = True
+    try:
+        algorithm = build(config.algorithm, model, **options)
+    except TypeError as err:
+        raise ValueError(f"build_algorithm: algorithm {config.algorithm!r} does not accept these options "
+                         f"({err}); remove them from the config") from None
+    return model, algorithm
+
+
+def load_splits(config: TrainConfig) -> dict[str, Any]:
+    """The train/val/test classes (on the CPU) of the config's dataset."""
+    omniglot = config.dataset == "omniglot"
+    return load_dataset(
+        config.dataset, root=config.data_root, image_size=config.image_size, channels=config.channels,
+        split=config.split, seed=config.split_seed,
+        # download and source mean something for Omniglot only; a folder tree is read where it is.
+        download=config.download and omniglot, source=config.source if omniglot else None,
+        skip_bad_files=config.skip_bad_files,
+    )
+
+
+_SPLIT_NAMES = {"train": "meta-training", "val": "validation", "test": "meta-test"}
+
+
+def task_sampler(config: TrainConfig, splits: dict[str, Any], split: str, device: torch.device,
+                 where: str) -> EpisodeSampler:
+    """The episode sampler of ``config``'s tasks over one split, on ``device``; errors name the split."""
+    classes = splits[split].to(device)
+    try:
+        return EpisodeSampler(classes, config.n_way, config.k_shot, config.n_query, rotations=config.rotations)
+    except ValueError as err:
+        raise ValueError(f"{where}: the {_SPLIT_NAMES[split]} split ({split!r}) of {config.dataset!r} cannot give "
+                         f"these tasks: {err}") from None
+
+
+@contextlib.contextmanager
+def rng_scope(device: torch.device) -> Iterator[None]:
+    """The global RNGs as the run sets them, restored for the caller afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _read(checkpoint: str | Path | Checkpoint, origin: str) -> Checkpoint:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    return Checkpoint.read(checkpoint, prefer_best=True, origin=origin)
+
+
+def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device | None = "cpu") -> TrainResult:
+    """Load a checkpoint (or a run directory's ``best.pt``, else ``last.pt``) for evaluation.
+
+    Args:
+        checkpoint: a ``.pt`` file, a run directory, or a :class:`~maml_func.state.Checkpoint` already read.
+        device: where the meta-parameters go.
+
+    Returns:
+        A :class:`TrainResult` with ``config``, ``model``, ``algorithm`` and ``meta``.
+
+    Example:
+        >>> run = load_run("runs/5w1s")  # doctest: +SKIP
+        >>> run.algorithm.adapt(run.meta, x_support, y_support)  # doctest: +SKIP
+    """
+    saved = _read(checkpoint, "load_run")
+    config = TrainConfig.from_dict(saved.config, origin=f"load_run({str(saved.path)!r})")
+    model, algorithm = build_algorithm(config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device=device, dtype=getattr(torch, config.dtype))
+    meta = algorithm.init()
+    load_meta(meta, saved.state["meta"], "load_run")
+    return TrainResult(config, model, algorithm, meta, saved.iteration, saved.state.get("best_val_accuracy"),
+                       saved.state.get("best_iteration"), saved.path.parent, stopped="loaded")
+
+
+def evaluate_run(
+    checkpoint: str | Path | Checkpoint | None = None,
+    *,
+    config: TrainConfig | None = None,
+    classes: str = "test",
+    num_tasks: int = 600,
+    steps: int | None = None,
+    batch_size: int = 50,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """The evaluation protocol on a checkpoint's (or a config's) data: tasks from held-out classes.
+
+    Args:
+        checkpoint: a checkpoint or run directory (its ``best.pt``, else ``last.pt``),
+            or a :class:`~maml_func.state.Checkpoint` already read; ``None``
+            evaluates a fresh initialization from ``config`` (seeded by
+            ``config.seed``), the untrained baseline.
+        config: the data, task shape and inner loop to evaluate with; defaults to
+            the checkpoint's. ``n_way``, ``hidden`` and ``image_size`` must match the checkpoint.
+        classes: ``"test"`` (meta-test classes), ``"val"`` or ``"train"``.
+        num_tasks, steps, batch_size, seed, progress: as in :func:`maml_func.evaluate.evaluate`;
+            ``steps`` defaults to ``config.eval_inner_steps``.
+
+    Returns:
+        An :class:`~maml_func.evaluate.EvalResult`.
+
+    Example:
+        >>> print(evaluate_run("runs/5w1s").summary())  # doctest: +SKIP
+        5-way 1-shot: 97.2% ± 0.5 (600 tasks, 3 steps)
+    """
+    if checkpoint is None and config is None:
+        raise ValueError("evaluate_run: pass a checkpoint, a config (for an untrained baseline), or both")
+    checks.choice("evaluate_run", "classes", classes, ("train", "val", "test"), expect="'train', 'val' or 'test'")
+    # Checked here too, not only in evaluate(): a bad value must fail before the data is read and cached.
+    for name, value, minimum in (("num_tasks", num_tasks, 1), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                                 ("steps", 0 if steps is None else steps, 0)):
+        checks.integer("evaluate_run", name, value, minimum=minimum)
+    saved = _read(checkpoint, "evaluate_run") if checkpoint is not None else None
+    if config is None:
+        assert saved is not None
+        config = TrainConfig.from_dict(saved.config, origin=f"evaluate_run({str(saved.path)!r})")
+    config.check_paths()
+    device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+    with removed_on_failure(config.data_root):  # a refused evaluation leaves no cache or download behind
+        splits = load_splits(config)
+        sampler = task_sampler(config, splits, classes, device, "evaluate_run")
+    with rng_scope(device):
+        torch.manual_seed(config.seed)
+        model, algorithm = build_algorithm(config, in_channels=int(splits[classes].images.shape[2]))
+        model.to(device=device, dtype=dtype)
+        meta = algorithm.init()
+    if saved is not None:
+        load_meta(meta, saved.state["meta"], "evaluate_run")
+    return evaluate(algorithm, meta, sampler, num_tasks=num_tasks,
+                    steps=config.eval_inner_steps if steps is None else steps, batch_size=batch_size, seed=seed,
+                    progress=progress)

@@ -1,0 +1,214 @@
+"""Bad input at the boundary: exit status 2 (1 for a failed download), one line naming the problem and the fix,
+and nothing new on disk after a refused run. One test per case that used to break that promise."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_cli import noise_folder, run, tiny_flags
+
+from maml_func import MAML, Conv4, TaskBatch
+from maml_func.checkpoint import load_checkpoint, save_checkpoint
+from maml_func.config import make_config
+
+
+def tree(root: Path) -> list[Path]:
+    return sorted(root.rglob("*"))
+
+
+def assert_refused(code: int, out: str, err: str, *needles: str, status: int = 2, after_start: bool = False) -> None:
+    """Exit ``status``, nothing on stdout, one error line holding ``needles``.
+
+    ``after_start``: the refusal needed the data, so the run's one-line description was printed before it.
+    """
+    assert code == status, err
+    lines = err.splitlines()
+    assert out == "" and len(lines) == 1 + after_start and err.endswith("\n"), err
+    assert lines[-1].startswith("maml-func ") and ": error: " in lines[-1], err
+    if after_start:
+        assert lines[0].startswith("maml-func train: maml on "), err
+    for needle in needles:
+        assert needle in lines[-1], (needle, err)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
+
+
+# 1. an unusable --save-to is refused before the data is loaded
+def test_save_to_an_existing_file_is_refused_before_loading(folder: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "taken").write_text("not a folder")
+    before = tree(tmp_path)
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--save-to", str(tmp_path / "taken")], capsys)
+    assert_refused(code, out, err, str(tmp_path / "taken"), "is an existing file", "choose another save_to")
+    assert tree(tmp_path) == before  # no data cache either: refused before the load
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--save-to", str(tmp_path / "taken" / "run")],
+                         capsys)
+    assert_refused(code, out, err, "is an existing file")
+    assert tree(tmp_path) == before
+
+
+def test_save_to_an_unwritable_place_is_refused_before_loading(folder: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    # /sys refuses new folders even to root (permission bits alone would not stop root).
+    target = Path("/sys/maml-func-run") if os.path.isdir("/sys") and os.geteuid() == 0 else None
+    if target is None:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        target = tmp_path / "ro" / "run"
+    before = tree(tmp_path)
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--save-to", str(target)], capsys)
+    assert_refused(code, out, err, f"cannot create the run directory {str(target)!r}", "is not writable",
+                   "choose a save_to")
+    assert tree(tmp_path) == before and not target.exists()
+
+
+# 2. the advice for a bad image is one the command line can follow
+def test_a_bad_image_names_the_flag_that_skips_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = noise_folder(tmp_path / "noisy")
+    (data / "class00" / "broken.png").write_bytes(b"not a png")
+    flags = [*tiny_flags(data, tmp_path), "--iterations", "1", "--val-every", "0", "--save-to", str(tmp_path / "r")]
+    before = tree(tmp_path)
+    code, out, err = run(["train", *flags], capsys)
+    assert_refused(code, out, err, "broken.png is not a readable image", "--skip-bad-files", after_start=True)
+    assert tree(tmp_path) == before
+    with pytest.warns(UserWarning, match="skipped 1 unreadable file"):
+        code, _, err = run(["train", *flags, "--skip-bad-files"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["skip_bad_files"] is True
+
+
+# 3. evaluating on another dataset drops the checkpoint's Omniglot source
+def test_eval_on_a_folder_drops_the_source_of_an_omniglot_run(folder: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "1", "--val-every", "0",
+                "--save-to", str(run_dir)], capsys)[0] == 0
+    state = load_checkpoint(run_dir / "last.pt")  # as if trained on Omniglot from an offline copy
+    state["config"].update(dataset="omniglot", source=str(tmp_path))
+    save_checkpoint(state, run_dir / "last.pt")
+    code, out, err = run(["eval", "--checkpoint", str(run_dir), "--dataset", str(folder), "--tasks", "4",
+                          "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.startswith("3-way 1-shot:")
+    base = {**state["config"], "save_to": None}
+    assert make_config(base=base, dataset=str(folder)).source is None
+    assert make_config(base=base).source == str(tmp_path)  # same dataset: the source stays
+    with pytest.raises(ValueError, match="source applies to dataset='omniglot' only"):
+        make_config(base=base, dataset=str(folder), source=str(tmp_path))  # said explicitly: still refused
+    code, _, err = run(["eval", "--checkpoint", str(run_dir), "--source", "", "--dataset", str(folder),
+                        "--tasks", "4", "--no-progress"], capsys)
+    assert code == 0, err  # --source "" means none
+
+
+# 4. nothing of a refused run is left behind
+@pytest.mark.parametrize(("flags", "needles"), [
+    (["--n-way", "4"], ["validation split", "n_way=4 is larger than the number of classes (3)"]),
+    (["--k-shot", "4", "--n-query", "2"], ["meta-training split", "fewer than k_shot + n_query = 6"]),
+])
+def test_a_task_shape_the_data_cannot_give_leaves_no_cache(flags: list[str], needles: list[str], folder: Path,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    before = tree(tmp_path)
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), *flags, "--save-to", str(tmp_path / "run")],
+                         capsys)
+    assert_refused(code, out, err, *needles, after_start=True)
+    assert tree(tmp_path) == before  # the cache decoded for the check is gone again, and no run directory
+
+
+def test_download_from_a_bad_source_leaves_no_new_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    before = tree(tmp_path)
+    code, out, err = run(["download", "--root", str(tmp_path / "new"), "--source", str(tmp_path / "empty")], capsys)
+    assert_refused(code, out, err, "images_background")
+    assert tree(tmp_path) == before
+
+
+def test_no_network_leaves_no_data_root(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from maml_func.data import omniglot
+
+    def offline(part: str, root: Path) -> None:
+        (root / f".{part}.partial").write_bytes(b"half")  # what an interrupted fetch leaves
+        raise ConnectionError("download_omniglot: could not download (no network)")
+
+    monkeypatch.setattr(omniglot, "_download", offline)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["train", "--data-root", "fresh", "--device", "cpu", "--save-to", "run", "--no-progress"],
+                         capsys)
+    assert code == 1 and err.count("\n") == 2 and "Offline? Pass --source" in err  # the run's line, then the error
+    assert tree(tmp_path) == []
+
+
+# 5. and 6. one line each, and no contradiction
+def test_a_damaged_checkpoint_is_one_line(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "run").mkdir()
+    for seed in range(20):  # random bytes fail inside torch.load in many ways
+        (tmp_path / "run" / "best.pt").write_bytes(random.Random(seed).randbytes(4096))
+        code, out, err = run(["eval", "--checkpoint", str(tmp_path / "run")], capsys)
+        assert_refused(code, out, err, "is not a readable checkpoint", "use the run's other checkpoint")
+
+
+def test_a_garbage_cache_without_a_way_to_rebuild_says_so_once(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               recwarn: pytest.WarningsRecorder) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "omniglot_28px.pt").write_bytes(os.urandom(2048))
+    before = tree(tmp_path)
+    code, out, err = run(["eval", "--data-root", str(tmp_path / "data"), "--no-download", "--device", "cpu"], capsys)
+    assert_refused(code, out, err, "omniglot_28px.pt, which is unreadable", "pass download=True")
+    assert "rebuilt" not in err and not [w for w in recwarn if "rebuilt" in str(w.message)]
+    assert tree(tmp_path) == before  # the user's file is left as it is
+
+
+def test_a_second_interrupt_is_one_line(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import maml_func.train
+
+    def impatient(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(maml_func.train, "fit", impatient)
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--save-to", str(tmp_path / "run")], capsys)
+    assert code == 130 and out == ""
+    assert err.count("\n") == 2 and err.splitlines()[1].startswith("maml-func train: error: interrupted")
+
+
+# 7. small inaccuracies
+def test_a_folder_as_config_file_is_named_as_such(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(["train", "--config", str(tmp_path), "--save-to", str(tmp_path / "run")], capsys)
+    assert_refused(code, out, err, "is a folder, not a config file", ".toml or .json")
+    assert tree(tmp_path) == []
+
+
+def test_out_of_range_labels_and_wrong_image_sizes_name_the_fix() -> None:
+    torch.manual_seed(0)
+    maml = MAML(Conv4(n_way=5, hidden=8, image_size=16))
+    meta = maml.init()
+    labels = torch.tensor([[0, 1, 2, 3, 7]] * 2)
+    images = torch.rand(2, 5, 1, 16, 16)
+    for vectorize in (True, False):
+        algo = MAML(maml.model, vectorize=vectorize)
+        with pytest.raises(ValueError, match=r"labels must be class indices 0..n_way-1.*run from 0 to 7.*"
+                                             r"label each task's classes 0..n_way-1"):
+            algo.meta_loss(meta, TaskBatch(images, labels, images, labels.remainder(5)))
+    big = torch.rand(2, 5, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"Conv4: expected images \[B, 1, 16, 16\], got \[5, 1, 28, 28\]; "
+                                         r"build Conv4\(in_channels=..., image_size=...\)"):
+        maml.meta_loss(meta, TaskBatch(big, labels.remainder(5), big, labels.remainder(5)))
+
+
+def test_the_rgb_of_an_image_folder_is_not_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Guard for the shape check: a colour tree (channels inferred) still trains."""
+    for c in range(20):
+        (tmp_path / "rgb" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (20 * c, 10 * i, 5)).save(tmp_path / "rgb" / f"c{c}" / f"{i}.png")
+    code, _, err = run(["train", *tiny_flags(tmp_path / "rgb", tmp_path), "--iterations", "1", "--val-every", "0",
+                        "--save-to", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["channels"] == 3
