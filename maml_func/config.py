@@ -31,10 +31,11 @@ from maml_func.presets import PRESETS
 __all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "load_config_file", "make_config", "option"]
 
 #: The groups of :class:`TrainConfig`'s fields, in the order the docs and ``--help`` show them.
-GROUPS = ("Data", "Tasks", "Algorithm", "Optimization", "Output")
+GROUPS = ("Data", "Tasks", "Model", "Algorithm", "Optimization", "Output")
 _WHERE = "TrainConfig"
 _DTYPES = ("float32", "float64")
 _SCHEDULES = ("constant", "cosine")
+_BACKPROPS = ("unroll", "adjoint")
 _STEP_HINT = "; a step size is > 0 (e.g. inner_lr=0.4, meta_lr=0.001)"
 
 Check = Callable[[str, str, Any], Any]
@@ -152,6 +153,15 @@ class TrainConfig:
     n_query: int = option(5, "query images per class", group="Tasks", check=_int(1), metavar="Q")
     rotations: bool = option(False, "rotate each class of a task by a random multiple of 90 degrees",
                              group="Tasks", check=checks.flag)
+    augment: bool = option(False, "augment the meta-training tasks' images on the device: random crop with "
+                           "padding and horizontal flip, per task and image", group="Tasks", check=checks.flag)
+    model: str = option("conv4", "the network: conv4 (the MAML paper's) or resnet12 (MetaOptNet's)", group="Model",
+                        check=_text(), metavar="NAME")
+    model_options: dict[str, Any] = option(help="extra keyword arguments for the model (on the command line: "
+                                           "--model-option KEY=VALUE, repeatable), e.g. pool=true for Conv4's "
+                                           "max-pooling blocks", group="Model", check=_table, factory=dict,
+                                           metavar="KEY=VALUE", flag="--model-option")
+    hidden: int = option(64, "filters per Conv4 block", group="Model", check=_int(1), metavar="C")
     algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp or "
                             "reptile", group="Algorithm", check=_text(), metavar="NAME")
     algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build (on the command "
@@ -160,12 +170,15 @@ class TrainConfig:
                                                flag="--algorithm-option")
     first_order: bool = option(False, "first-order MAML: detach the inner gradients", group="Algorithm",
                                check=checks.flag)
+    backprop: str = option("unroll", "how the second-order meta-gradient is taken: unroll (autograd through the "
+                           "inner loop) or adjoint (only the inner loop's parameters kept, each step recomputed in "
+                           "the meta-backward: the memory of one inner step, whatever inner_steps)",
+                           group="Algorithm", check=_one_of(_BACKPROPS), metavar="unroll|adjoint")
     inner_lr: float = option(0.4, "inner SGD step size", group="Algorithm", check=_positive(_STEP_HINT),
                              metavar="LR")
     inner_steps: int = option(1, "inner steps at meta-training", group="Algorithm", check=_int(0), metavar="S")
     eval_inner_steps: int = option(3, "inner steps at validation and test", group="Algorithm", check=_int(0),
                                    metavar="S")
-    hidden: int = option(64, "filters per Conv4 block", group="Algorithm", check=_int(1), metavar="C")
     chunk_size: int | str | None = option("auto", "tasks per vmap chunk, bounds a chunk's temporaries; none: the "
                                           "whole meta-batch; auto: the whole meta-batch on a GPU, ~1 MiB of task "
                                           "inputs per chunk on the CPU (the fastest there)", group="Algorithm",
@@ -227,7 +240,10 @@ class TrainConfig:
         from maml_func.algorithms import ALGORITHMS
 
         checks.choice(_WHERE, "algorithm", self.algorithm, ALGORITHMS, expect=f"one of {sorted(ALGORITHMS)}")
-        reserved = {"inner_lr", "inner_steps", "first_order", "chunk_size"} & set(self.algorithm_options)
+        from maml_func.models import MODELS
+
+        checks.choice(_WHERE, "model", self.model, MODELS, expect=f"one of {sorted(MODELS)}")
+        reserved = {"inner_lr", "inner_steps", "first_order", "chunk_size", "backprop"} & set(self.algorithm_options)
         if reserved:
             raise ValueError(f"TrainConfig: algorithm_options {sorted(reserved)} are fields of the config; "
                              "set them directly (e.g. inner_lr=0.4) instead")

@@ -16,6 +16,7 @@ matches a per-task loop to rounding error.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,3 +136,27 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+
+#: The networks :func:`build_model` makes, by name (``TrainConfig.model``).
+MODELS: dict[str, type[nn.Module]] = {"conv4": Conv4}
+
+
+def build_model(name: str, *, n_way: int, in_channels: int, image_size: int, hidden: int = 64,
+                **options: Any) -> nn.Module:
+    """The network ``name`` of :data:`MODELS` for ``n_way``-way tasks of ``in_channels x image_size²`` images.
+
+    ``hidden`` is Conv4's filters per block; ``options`` are the model's own
+    keyword arguments (``pool=True`` for Conv4's max-pooling variant).
+
+    Example:
+        >>> build_model("conv4", n_way=5, in_channels=3, image_size=84, hidden=32, pool=True).head.in_features
+        800
+    """
+    checks.choice("build_model", "name", name, MODELS, expect=f"one of {sorted(MODELS)}")
+    if name == "conv4":
+        options = {"hidden": hidden, **options}
+    try:
+        return MODELS[name](n_way=n_way, in_channels=in_channels, image_size=image_size, **options)
+    except TypeError as err:
+        raise ValueError(f"build_model: {name} does not accept these options ({err}); fix model_options") from None

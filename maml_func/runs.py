@@ -26,7 +26,7 @@ from maml_func.core import MetaParams
 from maml_func.data import load_dataset
 from maml_func.distributed import World
 from maml_func.evaluate import EvalResult, evaluate
-from maml_func.models import Conv4
+from maml_func.models import build_model
 from maml_func.rundir import BEST, LAST
 from maml_func.state import Checkpoint, load_meta
 from maml_func.tasks import EpisodeSampler
@@ -85,7 +85,7 @@ def resolve_device(name: str, me: World | None = None) -> torch.device:
 
 
 def build_algorithm(config: TrainConfig, *, in_channels: int | None = None) -> tuple[nn.Module, Any]:
-    """The ``Conv4`` and the algorithm that ``config`` describes (weights from the global RNG).
+    """The model and the algorithm that ``config`` describes (weights from the global RNG).
 
     Args:
         config: the run's configuration.
@@ -95,11 +95,14 @@ def build_algorithm(config: TrainConfig, *, in_channels: int | None = None) -> t
         ValueError: when the algorithm rejects the config's options.
     """
     channels = in_channels if in_channels is not None else (config.channels or 1)
-    model = Conv4(n_way=config.n_way, in_channels=channels, hidden=config.hidden, image_size=config.image_size)
+    model = build_model(config.model, n_way=config.n_way, in_channels=channels, image_size=config.image_size,
+                        hidden=config.hidden, **config.model_options)
     options: dict[str, Any] = {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps,
                                "chunk_size": config.chunk_size, **config.algorithm_options}
     if config.first_order:
         options["first_order"] = True
+    if config.backprop != "unroll":  # only the algorithms with a choice take the option
+        options["backprop"] = config.backprop
     try:
         algorithm = build(config.algorithm, model, **options)
     except TypeError as err:
@@ -128,7 +131,10 @@ def task_sampler(config: TrainConfig, splits: dict[str, Any], split: str, device
     """The episode sampler of ``config``'s tasks over one split, on ``device``; errors name the split."""
     classes = splits[split].to(device)
     try:
-        return EpisodeSampler(classes, config.n_way, config.k_shot, config.n_query, rotations=config.rotations)
+        # Augmentation is for the meta-training tasks only; validation and test tasks are seen as they are.
+        augment = {"augment": True} if config.augment and split == "train" else {}
+        return EpisodeSampler(classes, config.n_way, config.k_shot, config.n_query, rotations=config.rotations,
+                              **augment)
     except ValueError as err:
         raise ValueError(f"{where}: the {_SPLIT_NAMES[split]} split ({split!r}) of {config.dataset!r} cannot give "
                          f"these tasks: {err}") from None
