@@ -14,7 +14,9 @@ CPU       ``chunk_size="auto"``: chunks of about 1 MiB of task inputs
           (:func:`auto_chunk_size`); image inputs laid out so that the grouped
           convolutions run channels-last (:func:`tasks_channels_last`); glibc
           told to keep freed memory (:func:`maml_func.system.auto_tune_malloc`)
-other     one ``vmap`` over the whole meta-batch; inputs as they come
+other     one ``vmap`` over the whole meta-batch; inputs as they come; the
+          training loop's checks kept on the device (:func:`defer_host_reads`);
+          CUDA: ``cudnn.benchmark`` (:func:`configure_device`)
 ========  =====================================================================
 """
 
@@ -31,7 +33,8 @@ from maml_func import checks
 from maml_func.system import auto_tune_malloc
 from maml_func.tasks import TaskBatch
 
-__all__ = ["TaskFn", "auto_chunk_size", "check_chunk_size", "map_tasks", "stack_metrics", "tasks_channels_last"]
+__all__ = ["TaskFn", "auto_chunk_size", "check_chunk_size", "configure_device", "defer_host_reads", "map_tasks",
+           "stack_metrics", "tasks_channels_last"]
 
 #: ``(meta, x_support, y_support, x_query, y_query) -> metrics`` on one task's tensors.
 TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
@@ -45,6 +48,31 @@ TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 _CPU_CHUNK_INPUT_BYTES = 2**20
 # A chunk of one task pays vmap's overhead and gains nothing from it.
 _MIN_CHUNK = 2
+
+
+def defer_host_reads(device: torch.device) -> bool:
+    """Whether training should avoid reading device values on the host every step.
+
+    On the CPU a read (``.item()``) costs nothing, so the loop checks each
+    step at once. On an accelerator it makes the host wait for the device, so
+    kernel launches stop running ahead of the compute; there the loop keeps
+    its checks on the device and reads them only when it logs, saves or stops.
+    """
+    return device.type != "cpu"
+
+
+def configure_device(device: torch.device) -> None:
+    """Process-wide settings that make training on ``device`` fast without changing a result's meaning.
+
+    CUDA: ``cudnn.benchmark`` on, since every meta-iteration has the same
+    shapes, so the convolution algorithms it times on the first iteration
+    serve all the others. TF32 matmuls stay off: they change float32 results
+    by about 1e-3 relative, a choice for the user (``benchmarks/gpu_check.py``
+    measures both). Nothing on the CPU (the allocator is tuned by
+    :func:`map_tasks` itself).
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def check_chunk_size(where: str, value: Any) -> int | str | None:

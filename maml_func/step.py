@@ -108,17 +108,82 @@ def meta_lr_at(config: Any, iteration: int) -> float:
 def _grad_norm(params: list[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
 
 
+class FiniteGuard:
+    """The finiteness check of :func:`train_step` kept on the device, read on the host only by :meth:`check`.
+
+    On an accelerator a host read of the loss each iteration (``.item()``)
+    makes the host wait for the device every step, so launches and compute no
+    longer overlap. With a guard, each step's update is applied with
+    ``torch.where`` on a device flag instead: applied only while every step so
+    far was finite. After the first non-finite step no update is applied at
+    all, so the state stays that of the last good iteration until the caller
+    checks (at its logging, saving or stopping points) and stops there.
+
+    Attributes:
+        ok: ``[]`` bool, every step so far was finite.
+        first_bad: ``[]`` int64, the 1-based iteration of the first non-finite step (0: none).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self._values = torch.zeros(2, dtype=torch.float64, device=device)  # loss and gradient norm there
+
+    def record(self, finite: Tensor, iteration: int, loss: Tensor, norm: Tensor) -> Tensor:
+        """Note step ``iteration`` (1-based); returns whether its update may be applied (device bool)."""
+        first = self.ok & ~finite
+        self.first_bad = torch.where(first, iteration, self.first_bad)
+        self._values = torch.where(first, torch.stack([loss.double(), norm.double()]), self._values)
+        self.ok = self.ok & finite
+        return self.ok
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a step was not finite (one host read).
+
+        Raises:
+            NonFiniteLossError: naming the first non-finite iteration and value; ``checkpoint`` is ``None``.
+        """
+        if bool(self.ok):
+            return
+        loss, norm = self._values.tolist()
+        iteration = int(self.first_bad)
+        what, value = ("meta-loss", loss) if not math.isfinite(loss) else ("meta-gradient", norm)
+        raise NonFiniteLossError(f"train_step: the {what} is {value} at iteration {iteration}; the update was not "
+                                 "applied", iteration, None, quantity=what, value=value)
+
+
+def _guarded_step(optimizer: torch.optim.Optimizer, apply: Tensor) -> None:
+    """``optimizer.step()``, undone with ``torch.where`` where ``apply`` is false: no host read.
+
+    Parameters and every tensor of the optimizer's state are restored;
+    state the step created is restored to zeros, which is Adam's initial state.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [p.detach().clone() for p in params]
+    saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+                   for p in params}
+    optimizer.step()
+    with torch.no_grad():
+        for p, old in zip(params, saved):
+            p.copy_(torch.where(apply, p, old))
+        for p in params:
+            for key, value in optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    old = saved_state[id(p)].get(key, torch.zeros_like(value))
+                    value.copy_(torch.where(apply.to(value.device), value, old))
+
+
 def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float,
-               tasks_per_backward: int | None = None) -> dict[str, float]:
+               tasks_per_backward: int | None = None, guard: FiniteGuard | None = None) -> dict[str, Tensor]:
     """Apply one meta-update to ``state`` from this rank's ``batch``; return the step's metrics.
 
     The meta-gradient of ``batch`` (:func:`meta_gradient`), averaged over the
     ranks with the loss under ``torch.distributed``; then, only if both are
-    finite, the optimizer step at step size ``lr`` and ``state.iteration += 1``.
+    finite, the optimizer step at step size ``lr``; and ``state.iteration += 1``.
 
     Args:
         state: the run's state; changed in place.
@@ -126,16 +191,23 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float
         algorithm: the algorithm ``state.meta`` belongs to.
         lr: the optimizer's step size for this update (see :func:`meta_lr_at`).
         tasks_per_backward: as in :func:`meta_gradient`.
+        guard: ``None`` checks finiteness on the host now (one device sync)
+            and raises before any change. A :class:`FiniteGuard` checks on the
+            device without waiting: the update is applied only while every
+            step was finite, and ``guard.check()`` raises later (the loop of
+            :func:`maml_func.train.fit` does this at its logging, saving and
+            stopping points).
 
     Returns:
-        ``{"loss", "grad_norm", "accuracy", "query_loss"}`` of the whole meta-batch:
-        the meta-loss, the norm of the meta-gradient, and the post-adaptation
-        query accuracy (``nan`` without one) and loss (the meta-loss without
-        one), comparable across algorithms (Reptile's objective is a distance).
+        ``{"loss", "grad_norm", "accuracy", "query_loss"}`` of the whole
+        meta-batch, ``[]`` float64 tensors on the device: the meta-loss, the
+        norm of the meta-gradient, and the post-adaptation query accuracy
+        (``nan`` without one) and loss (the meta-loss without one), comparable
+        across algorithms (Reptile's objective is a distance).
 
     Raises:
-        NonFiniteLossError: the loss or the gradient is NaN/inf; ``state`` is
-            unchanged (no optimizer step), ``checkpoint`` is ``None``.
+        NonFiniteLossError: (without ``guard``) the loss or the gradient is
+            NaN/inf; ``state`` is unchanged (no optimizer step), ``checkpoint`` is ``None``.
     """
     params = algorithm.parameters(state.meta)
     loss, metrics = meta_gradient(algorithm, state.meta, batch, state.iteration,
@@ -145,18 +217,22 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float
         all_reduce_mean([loss, *(p.grad for p in params if p.grad is not None)],
                         what=f"averaging the meta-gradients of iteration {state.iteration + 1}")
         metrics = gather_tasks(metrics)
-    loss_value, norm = loss.item(), _grad_norm(params).item()
-    if not (math.isfinite(loss_value) and math.isfinite(norm)):
-        what, value = ("meta-loss", loss_value) if not math.isfinite(loss_value) else ("meta-gradient", norm)
-        raise NonFiniteLossError(f"train_step: the {what} is {value} at iteration {state.iteration + 1}; the update "
-                                 "was not applied", state.iteration + 1, None, quantity=what, value=value)
+    norm = _grad_norm(params)
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
-    state.optimizer.step()
+    if guard is None:
+        check = FiniteGuard(finite.device)
+        check.record(finite, state.iteration + 1, loss, norm)
+        check.check()
+        state.optimizer.step()
+    else:
+        _guarded_step(state.optimizer, guard.record(finite, state.iteration + 1, loss, norm))
     state.iteration += 1
+    loss = loss.detach().double()
     return {
-        "loss": loss_value,
+        "loss": loss,
         "grad_norm": norm,
-        "accuracy": metrics["accuracy"].mean().item() if "accuracy" in metrics else float("nan"),
-        "query_loss": metrics["loss"].mean().item() if "loss" in metrics else loss_value,
+        "accuracy": metrics["accuracy"].mean().double() if "accuracy" in metrics else torch.full_like(loss, math.nan),
+        "query_loss": metrics["loss"].mean().double() if "loss" in metrics else loss,
     }

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from maml_func import batching
 from maml_func import step as _step
 from maml_func.atomic import removed_on_failure
 from maml_func.config import PRESETS, TrainConfig, make_config
@@ -36,7 +37,7 @@ from maml_func.rundir import BEST, LAST, RunDirectory, check_creatable, checkpoi
 from maml_func.runs import (TrainResult, build_algorithm, evaluate_run, load_run, load_splits, resolve_device,
                             rng_scope, task_sampler)
 from maml_func.state import Checkpoint, TrainState, check_resume
-from maml_func.step import NonFiniteLossError, meta_gradient, meta_lr_at, train_step
+from maml_func.step import FiniteGuard, NonFiniteLossError, meta_gradient, meta_lr_at, train_step
 from maml_func.tasks import EpisodeSampler
 
 __all__ = [
@@ -148,22 +149,27 @@ class _Run:
 
 
 class _Window:
-    """Training metrics averaged over the current logging window; tasks/s counts training time only."""
+    """Training metrics summed on the device over the current logging window; tasks/s counts training time only."""
 
     def __init__(self, meta_batch: int) -> None:
-        self.meta_batch, self.rows, self.start = meta_batch, [], time.monotonic()
+        self.meta_batch, self.count, self.sums, self.start = meta_batch, 0, None, time.monotonic()
 
-    def add(self, metrics: dict[str, float]) -> dict[str, float]:
-        self.rows.append((metrics["query_loss"], metrics["accuracy"], metrics["grad_norm"]))
-        loss, accuracy, norm = (sum(column) / len(self.rows) for column in zip(*self.rows))
-        tasks_per_s = len(self.rows) * self.meta_batch / max(time.monotonic() - self.start, 1e-9)
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        row = torch.stack([metrics["query_loss"], metrics["accuracy"], metrics["grad_norm"]])
+        self.sums = row if self.sums is None else self.sums + row
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The window's means (one host read) and its tasks/s."""
+        loss, accuracy, norm = (self.sums / self.count).tolist()
+        tasks_per_s = self.count * self.meta_batch / max(time.monotonic() - self.start, 1e-9)
         return {"loss": loss, "accuracy": accuracy, "grad_norm": norm, "tasks_per_s": tasks_per_s}
 
     def pause(self, seconds: float) -> None:
         self.start += seconds
 
     def reset(self) -> None:
-        self.rows, self.start = [], time.monotonic()
+        self.count, self.sums, self.start = 0, None, time.monotonic()
 
 
 def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
@@ -172,6 +178,15 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
     t0 = time.monotonic()
     deadline = t0 + 60 * config.max_minutes if config.max_minutes is not None else None
     window = _Window(config.meta_batch)
+    # The finiteness check: at once on the CPU, kept on the device elsewhere (see batching.defer_host_reads).
+    finite = FiniteGuard(state.device) if batching.defer_host_reads(state.device) else None
+
+    def settle() -> None:  # before anything is logged, validated, saved or stopped on: no bad state goes out
+        try:
+            if finite is not None:
+                finite.check()
+        except NonFiniteLossError as err:
+            raise run.non_finite(err) from None
 
     def validate() -> str:
         began = time.monotonic()
@@ -182,9 +197,9 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
     def due(every: int) -> bool:
         return (every > 0 and state.iteration % every == 0) or state.iteration == config.iterations
 
-    with _SignalGuard() as guard, tqdm(total=config.iterations, initial=state.iteration, unit="it",
-                                       disable=not (progress and world.is_main), dynamic_ncols=True,
-                                       desc="meta-train") as bar:
+    with _SignalGuard() as signals, tqdm(total=config.iterations, initial=state.iteration, unit="it",
+                                         disable=not (progress and world.is_main), dynamic_ncols=True,
+                                         desc="meta-train") as bar:
         first = state.iteration == 0 and config.val_every > 0 and config.iterations > 0
         val_text = validate() if first else "-"
         while state.iteration < config.iterations:
@@ -192,28 +207,32 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
             if batch.x_support.dtype != run.dtype:
                 batch = batch.to(dtype=run.dtype)
             try:
-                metrics = _step.train_step(state, batch, run.algorithm, lr=meta_lr_at(config, state.iteration),
-                                           tasks_per_backward=config.tasks_per_backward)
+                window.add(_step.train_step(state, batch, run.algorithm, lr=meta_lr_at(config, state.iteration),
+                                            tasks_per_backward=config.tasks_per_backward, guard=finite))
             except NonFiniteLossError as err:
                 raise run.non_finite(err) from None
-            means = window.add(metrics)
+            bar.update(1)
             if due(config.log_every):
+                settle()
+                means = window.means()
                 run.files.log({"kind": "train", "iteration": state.iteration, **means,
                                "meta_lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - t0})
+                bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{100 * means['accuracy']:.1f}%", val=val_text,
+                                tasks_s=f"{means['tasks_per_s']:.0f}")
                 window.reset()
             if due(config.val_every):
+                settle()
                 val_text = validate()
-            bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{100 * means['accuracy']:.1f}%", val=val_text,
-                            tasks_s=f"{means['tasks_per_s']:.0f}", refresh=False)
-            bar.update(1)
             if due(config.save_every):
+                settle()
                 run.save_last(state)
-            received = guard.received or 0
+            received = signals.received or 0
             out_of_time = int(deadline is not None and time.monotonic() >= deadline
                               and state.iteration < config.iterations)
             if world.size > 1:
                 received, out_of_time = agree([received, out_of_time])
             if received or out_of_time:
+                settle()
                 checkpoint = run.save_last(state)
                 run.files.plot()
                 if out_of_time and not received:
@@ -223,6 +242,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
                     + (f", checkpoint saved to {checkpoint}" if checkpoint is not None else " (save_to is None)"),
                     iteration=state.iteration, checkpoint=checkpoint, signum=received,
                     result=run.result(state, "interrupted"))
+    settle()
     return run.result(state, "completed")
 
 
@@ -291,6 +311,7 @@ def fit(
     if config.val_tasks < me.size:
         raise ValueError(f"fit: val_tasks={config.val_tasks} is fewer than the {me.size} ranks")
     device, dtype = resolve_device(config.device, me), getattr(torch, config.dtype)
+    batching.configure_device(device)
     run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     saved = None
     if resume is not None:
@@ -308,7 +329,10 @@ def fit(
         model, algorithm = build_algorithm(config)
         model.to(device=device, dtype=dtype)
         meta = algorithm.init()
-        state = TrainState(meta, torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr),
+        # capturable on CUDA: Adam's step counts live on the device, so the finiteness guard never reads them back.
+        optimizer = torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr,
+                                     capturable=device.type == "cuda")
+        state = TrainState(meta, optimizer,
                            torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me)
         if saved is not None:
             state.load(saved, config.seed)

@@ -93,7 +93,7 @@ def test_train_help_lists_every_config_field(capsys: pytest.CaptureFixture) -> N
     fields = dataclasses.fields(TrainConfig)
     assert len(fields) >= 37
     for f in fields:
-        flag = "--algorithm-option" if f.name == "algorithm_options" else "--" + f.name.replace("_", "-")
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         flag = next((k for k in entries if k.rstrip(",") == flag), flag)
         assert flag in entries, f"{flag} (field {f.name}) has no help entry"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -493,3 +493,57 @@ def test_the_meta_gradient_fn_hook_still_works_with_a_deprecation_warning(glyphs
                      meta_gradient_fn=counting)
     assert calls == [0, 1, 2] and result.iteration == 3
     assert step_module.meta_gradient is meta_gradient  # the seam is put back
+
+
+def test_the_device_guard_applies_finite_steps_exactly_and_nothing_after_a_bad_one() -> None:
+    from maml_func.step import FiniteGuard
+
+    algorithm, guarded, batch = _state_and_batch()
+    _, direct, _ = _state_and_batch()
+    guard = FiniteGuard("cpu")
+    for _ in range(2):  # finite steps: the same update as the host-checked step, bit for bit
+        train_step(guarded, batch, algorithm, lr=0.01, guard=guard)
+        train_step(direct, batch, algorithm, lr=0.01)
+    assert_same_meta(guarded.meta, direct.meta)
+    guard.check()
+    good = {k: v.detach().clone() for k, v in guarded.meta["model"].items()}
+    moments = {i: s["exp_avg"].clone() for i, s in guarded.optimizer.state_dict()["state"].items()}
+    poisoned = batch._replace(x_query=batch.x_query.clone().index_fill_(1, torch.tensor([0]), float("nan")))
+    train_step(guarded, poisoned, algorithm, lr=0.01, guard=guard)  # no exception yet: nothing was read back
+    train_step(guarded, batch, algorithm, lr=0.01, guard=guard)  # finite, but after a bad step: not applied
+    assert guarded.iteration == 4 and not bool(guard.ok) and int(guard.first_bad) == 3
+    assert all(torch.equal(good[k], v) for k, v in guarded.meta["model"].items())
+    assert all(torch.equal(moments[i], s["exp_avg"]) for i, s in guarded.optimizer.state_dict()["state"].items())
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan at iteration 3; the update was not applied"):
+        guard.check()
+
+
+def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
+        glyphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator path of the loop, run on the CPU: the NaN of iteration 5 is seen at the next save (6)."""
+    from maml_func import batching
+
+    def diverging(algorithm, meta, batch, iteration, **kwargs):
+        loss, metrics = meta_gradient(algorithm, meta, batch, iteration, **kwargs)
+        return (loss * float("nan") if iteration == 4 else loss), metrics
+
+    monkeypatch.setattr(batching, "defer_host_reads", lambda device: True)
+    monkeypatch.setattr(step_module, "meta_gradient", diverging)
+    with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan at iteration 5; stopped without applying "
+                                                 r"that update \(the last good checkpoint.*iteration 4\), is kept"):
+        fit(tiny(glyphs, tmp_path / "run", log_every=3), progress=False)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["iteration"] == 4 and all(torch.isfinite(p).all() for p in last["meta"]["model"].values())
+    logged = [r["iteration"] for r in json.loads("[" + ",".join(
+        (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) + "]") if r["kind"] == "train"]
+    assert logged == [3]  # nothing was logged after the bad step
+
+
+def test_deferred_checks_give_the_same_run_as_checks_at_once(glyphs: Path, tmp_path: Path, reference,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from maml_func import batching
+
+    monkeypatch.setattr(batching, "defer_host_reads", lambda device: True)
+    deferred = fit(tiny(glyphs, tmp_path / "run"), progress=False)
+    assert_same_meta(deferred.meta, reference.meta)
+    assert [r for r in deferred.history if r["kind"] == "val"] == [r for r in reference.history if r["kind"] == "val"]
