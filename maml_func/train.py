@@ -117,8 +117,11 @@ class _Run:
             self.last_saved = state.iteration
         return self.files.file(LAST)
 
-    def validate(self, state: TrainState) -> float:
-        """Evaluate on the validation classes, log it, keep ``best.pt``; the accuracy."""
+    def validate(self, state: TrainState, elapsed_s: float, train_s: float) -> float:
+        """Evaluate on the validation classes, log it, keep ``best.pt``; the accuracy.
+
+        ``elapsed_s``: wall time of the run so far; ``train_s``: of it, the time not spent validating.
+        """
         config, device = self.config, state.device
         ev = evaluate(self.algorithm, state.meta, self.val_sampler, num_tasks=config.val_tasks,
                       steps=config.eval_inner_steps, batch_size=max(1, min(config.meta_batch, config.val_tasks)),
@@ -126,7 +129,7 @@ class _Run:
                       distributed=self.world.size > 1)
         self.files.log({"kind": "val", "iteration": state.iteration, "accuracy": ev.final_accuracy,
                         "ci95": ev.final_ci95, "loss": ev.loss[-1], "accuracy_per_step": ev.accuracy,
-                        "tasks": ev.num_tasks, "steps": ev.steps})
+                        "tasks": ev.num_tasks, "steps": ev.steps, "elapsed_s": elapsed_s, "train_s": train_s})
         if state.best_val_accuracy is None or ev.final_accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_iteration = ev.final_accuracy, state.iteration
             self.files.save(BEST, state.to_checkpoint(self.config))
@@ -149,10 +152,14 @@ class _Run:
 
 
 class _Window:
-    """Training metrics summed on the device over the current logging window; tasks/s counts training time only."""
+    """Training metrics summed on the device over the current logging window; tasks/s counts training time only.
+
+    ``paused``: the seconds of the whole run spent outside training (validation).
+    """
 
     def __init__(self, meta_batch: int) -> None:
         self.meta_batch, self.count, self.sums, self.start = meta_batch, 0, None, time.monotonic()
+        self.paused = 0.0
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         row = torch.stack([metrics["query_loss"], metrics["accuracy"], metrics["grad_norm"]])
@@ -167,6 +174,7 @@ class _Window:
 
     def pause(self, seconds: float) -> None:
         self.start += seconds
+        self.paused += seconds
 
     def reset(self) -> None:
         self.count, self.sums, self.start = 0, None, time.monotonic()
@@ -190,7 +198,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
 
     def validate() -> str:
         began = time.monotonic()
-        accuracy = run.validate(state)
+        accuracy = run.validate(state, began - t0, began - t0 - window.paused)
         window.pause(time.monotonic() - began)
         return f"{100 * accuracy:.1f}%"
 
