@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -420,8 +421,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     command = {"train": _train, "eval": _eval, "download": _download, "demo": _demo}[args.command]
+    prog = f"maml-func {args.command}"
+
+    def one_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
-        return command(args)
+        with warnings.catch_warnings():  # a warning is one line too, without Python's source-line echo
+            warnings.showwarning = one_line
+            return command(args)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one stops training after its iteration), or one before
-        return _fail(f"maml-func {args.command}", "interrupted; stopped at once (checkpoints are written atomically, "
+        return _fail(prog, "interrupted; stopped at once (checkpoints are written atomically, "
                      "so the last one saved stays valid)", EXIT_INTERRUPTED)
