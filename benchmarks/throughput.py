@@ -7,10 +7,11 @@ Usage::
     python benchmarks/throughput.py --malloc glibc   # glibc as it comes (MAML_FUNC_TUNE_MALLOC=0)
     python benchmarks/throughput.py --workloads 5w-s1-2nd --compile first --memory none
     python benchmarks/throughput.py --device cuda --json runs/throughput.jsonl
+    python benchmarks/throughput.py --workloads mini-5w-s5-2nd,r12-5w-s1-2nd,r12-5w-s1-1st --memory rows
 
-What is measured, per workload (Omniglot-shaped tasks, Conv4, one meta-iteration
-= meta-loss, backward, Adam step), side by side and interleaved round by round
-in the same process:
+What is measured, per workload (by default Omniglot-shaped tasks and the Conv4
+of MAML; one meta-iteration = meta-loss, backward, Adam step), side by side and
+interleaved round by round in the same process:
 
 - ``vmap (default)``: ``maml_func.MAML`` with its default options; its
   ``chunk_size="auto"`` resolves per device (the row shows to what).
@@ -37,6 +38,15 @@ the minor page faults per iteration (see ``--malloc``). Finally the memory
 curve of a second-order S=5 meta-batch against ``chunk_size``, and against
 ``tasks_per_backward`` (``maml_func.meta_gradient``: one backward per part
 of the meta-batch, gradients summed), the option that bounds the peak.
+
+Two more workloads, not in the default, ``--quick`` or ``--smoke`` sets, are
+picked with ``--workloads`` (synthetic tasks of their shapes): ``mini-5w-s5-2nd``,
+miniImageNet as in the MAML paper (Conv4 with 32 filters and max-pooling,
+3x84x84, 5-way 1-shot, 15 queries, T = 4, S = 5, inner lr 0.01), and
+``r12-5w-s1-2nd`` / ``r12-5w-s1-1st``, the ResNet-12 of MetaOptNet on the same
+tasks with T = 4, S = 1, second and first order. ``--resnet-widths`` scales
+the ResNet-12 (default 64,160,320,640) where the full network is too slow for
+the machine.
 
 Output: a table, and with ``--json PATH`` one JSON object per line
 (``"kind"``: ``"setup"``, ``"row"``, ``"memory"``).
@@ -65,6 +75,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from maml_func import MAML, Conv4, TaskBatch, meta_gradient
+from maml_func.models import ResNet12
 from maml_func.batching import auto_chunk_size
 from maml_func.reference import loop_meta_loss
 from maml_func.system import ENV as TUNE_MALLOC_ENV
@@ -77,7 +88,12 @@ INNER_LR = 0.4
 
 @dataclass(frozen=True)
 class Workload:
-    """One meta-training setting: N-way K-shot tasks of 1x28x28 images, Conv4."""
+    """One meta-training setting: N-way K-shot tasks of ``channels x image_size²`` images, one network.
+
+    ``model``: ``"conv4"`` (MAML's Omniglot Conv4, 64 filters, stride-2 convs),
+    ``"conv4-pool"`` (MAML's miniImageNet Conv4, 32 filters, max-pooling) or
+    ``"resnet12"`` (MetaOptNet's, ``widths``).
+    """
 
     n_way: int
     k_shot: int
@@ -86,16 +102,47 @@ class Workload:
     steps: int
     first_order: bool
     image_size: int = 28
+    channels: int = 1
+    model: str = "conv4"
+    inner_lr: float = INNER_LR
+    widths: tuple[int, ...] = (64, 160, 320, 640)
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> "Workload":
+        return cls(**{**spec, "widths": tuple(spec.get("widths", cls.widths))})
+
+    @property
+    def prefix(self) -> str:
+        return {"conv4": "", "conv4-pool": "mini ", "resnet12": "R12 "}[self.model]
 
     @property
     def name(self) -> str:
         order = "1st" if self.first_order else "2nd"
-        return f"{self.n_way}w{self.k_shot}s T={self.meta_batch} S={self.steps} {order}"
+        return f"{self.prefix}{self.n_way}w{self.k_shot}s T={self.meta_batch} S={self.steps} {order}"
 
     @property
     def key(self) -> str:
-        """Short name for ``--workloads``, e.g. ``5w-s1-2nd``."""
-        return f"{self.n_way}w-s{self.steps}-{'1st' if self.first_order else '2nd'}"
+        """Short name for ``--workloads``, e.g. ``5w-s1-2nd``, ``mini-5w-s5-2nd``, ``r12-5w-s1-1st``."""
+        prefix = {"conv4": "", "conv4-pool": "mini-", "resnet12": "r12-"}[self.model]
+        return f"{prefix}{self.n_way}w-s{self.steps}-{'1st' if self.first_order else '2nd'}"
+
+    def describe(self) -> str:
+        """The network and its inputs, for the setup lines."""
+        if self.model == "conv4":
+            net = "Conv4 (64 filters, stride-2 convs, TaskBatchNorm)"
+        elif self.model == "conv4-pool":
+            net = "Conv4 (32 filters, max-pooling, TaskBatchNorm)"
+        else:
+            net = f"ResNet12 (widths {'-'.join(map(str, self.widths))}, TaskBatchNorm, LeakyReLU 0.1)"
+        return f"{net}, {self.channels}x{self.image_size}x{self.image_size} inputs, inner lr {self.inner_lr}, float32"
+
+    def build_model(self) -> torch.nn.Module:
+        if self.model == "resnet12":
+            return ResNet12(n_way=self.n_way, in_channels=self.channels, image_size=self.image_size,
+                            widths=self.widths)
+        pool = self.model == "conv4-pool"
+        return Conv4(n_way=self.n_way, in_channels=self.channels, image_size=self.image_size,
+                     hidden=32 if pool else 64, pool=pool)
 
 
 def standard_workloads(quick: bool, smoke: bool) -> list[Workload]:
@@ -106,6 +153,13 @@ def standard_workloads(quick: bool, smoke: bool) -> list[Workload]:
     five = [Workload(5, 1, 15, 32, s, fo) for fo in (False, True) for s in (1, 5)]
     # 20-way with the paper's meta-batch of 16; one inner step to fit the time budget.
     return five + [Workload(20, 1, 15, 16, 1, False)]
+
+
+def extra_workloads(resnet_widths: tuple[int, ...]) -> list[Workload]:
+    """miniImageNet-shaped workloads, only on request (``--workloads``): MAML's Conv4, and ResNet-12."""
+    rgb = {"image_size": 84, "channels": 3, "inner_lr": 0.01}
+    return [Workload(5, 1, 15, 4, 5, False, model="conv4-pool", **rgb)] + [
+        Workload(5, 1, 15, 4, 1, fo, model="resnet12", widths=resnet_widths, **rgb) for fo in (False, True)]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -134,9 +188,10 @@ class Runner:
                  seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.wl, self.method, self.batches, self.device = wl, method, batches, device
-        self.model = Conv4(n_way=wl.n_way, image_size=wl.image_size).to(device)
+        self.model = wl.build_model().to(device)
         kwargs = {} if method.chunk == "auto" else {"chunk_size": method.chunk}
-        self.maml = MAML(self.model, inner_lr=INNER_LR, inner_steps=wl.steps, first_order=wl.first_order, **kwargs)
+        self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order,
+                         **kwargs)
         self.meta = self.maml.init()
         self.opt = torch.optim.Adam(self.maml.parameters(self.meta), lr=1e-3)
         self.i = 0
@@ -144,7 +199,7 @@ class Runner:
         loss_fn: Callable[[TaskBatch], Tensor]
         if method.kind == "loop":
             def loss_fn(b: TaskBatch) -> Tensor:
-                return loop_meta_loss(self.model, self.meta["model"], b, inner_lr=INNER_LR, steps=wl.steps,
+                return loop_meta_loss(self.model, self.meta["model"], b, inner_lr=wl.inner_lr, steps=wl.steps,
                                       first_order=wl.first_order)
         else:
             def loss_fn(b: TaskBatch) -> Tensor:
@@ -208,7 +263,7 @@ def make_batches(wl: Workload, count: int, device: torch.device, sampler: Any, s
         gen = torch.Generator(device=device).manual_seed(seed)
         return [sampler.sample(wl.meta_batch, gen) for _ in range(count)]
     gen = torch.Generator().manual_seed(seed)
-    shape = (1, wl.image_size, wl.image_size)
+    shape = (wl.channels, wl.image_size, wl.image_size)
     out = []
     for _ in range(count):
         t, s, q = wl.meta_batch, wl.n_way * wl.k_shot, wl.n_way * wl.n_query
@@ -242,7 +297,8 @@ def load_classes(args: argparse.Namespace, device: torch.device) -> tuple[Any, s
 
 
 def make_sampler(classes: Any, wl: Workload) -> Any:
-    if classes is None:
+    """Omniglot episodes for the Omniglot-shaped workloads; ``None`` (synthetic tasks) for the others."""
+    if classes is None or wl.model != "conv4" or wl.channels != 1:
         return None
     from maml_func.tasks import EpisodeSampler
     return EpisodeSampler(classes, wl.n_way, wl.k_shot, wl.n_query, rotations=True)
@@ -281,7 +337,7 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     set_allocator(spec.get("malloc", "tuned"))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    wl = Workload(**spec["workload"])
+    wl = Workload.from_dict(spec["workload"])
     method = Method(spec["kind"], spec["chunk"])
     batches = make_batches(wl, 1, device, None, seed=0)
     runner = Runner(wl, method, batches, device)
@@ -314,14 +370,55 @@ def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]
     """Peak memory of one configuration: in-process on CUDA, a fresh subprocess on the CPU."""
     if device.type == "cuda":
         return probe_memory(spec)
-    env = dict(os.environ)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-memory", json.dumps(spec)]
+    return run_json_subprocess([sys.executable, str(Path(__file__).resolve()), "--probe-memory", json.dumps(spec)],
+                               timeout=300)
+
+
+def run_json_subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``cmd`` and parse the JSON object of its last output line; a failure is ``{"error": reason}``."""
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     except (subprocess.SubprocessError, json.JSONDecodeError, IndexError) as e:
-        stderr = getattr(e, "stderr", "") or ""
-        return {"error": f"{type(e).__name__}: {stderr.strip().splitlines()[-1] if stderr.strip() else e}"}
+        stderr = (getattr(e, "stderr", "") or "").strip()
+        return {"error": f"{type(e).__name__}: {stderr.splitlines()[-1][:200] if stderr else e}"}
+
+
+def machine_setup(device: str, argv: list[str] | None) -> dict[str, Any]:
+    """The part of a benchmark's ``setup`` record that says when, how and on what it ran."""
+    return {
+        "kind": "setup",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def print_setup(title: str, setup: dict[str, Any], width: int) -> None:
+    print(title)
+    for k, v in setup.items():
+        if k != "kind":
+            print(f"  {k:<{width}} {v}")
+    print(flush=True)
+
+
+def write_json_lines(path_text: str | None, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as JSON lines to ``path_text`` (nothing when ``None``) and say so."""
+    if not path_text:
+        return
+    path = Path(path_text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, default=str) + "\n")
+    print(f"\nwrote {len(records)} JSON lines to {path}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -395,6 +492,13 @@ def parse_chunks(text: str) -> list[int | None]:
     return out
 
 
+def parse_widths(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--resnet-widths: expected four positive ints, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -406,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; quick 4)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
-                        "5w-s5-1st, 20w-s1-2nd (default: all)")
+                        "5w-s5-1st, 20w-s1-2nd (default: all); or the miniImageNet-shaped ones, never run by "
+                        "default: mini-5w-s5-2nd (MAML's Conv4-32), r12-5w-s1-2nd, r12-5w-s1-1st (ResNet-12)")
+    p.add_argument("--resnet-widths", type=parse_widths, default=(64, 160, 320, 640),
+                   help="ResNet-12 filters per block for the r12 workloads (default 64,160,320,640)")
     p.add_argument("--compile", choices=("none", "first", "all"), default=None,
                    help="torch.compile row for no workload, the first, or all (default: first on CUDA, none on "
                         "the CPU, where compiling takes minutes)")
@@ -458,37 +565,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     workloads = standard_workloads(args.quick, args.smoke)
     if args.workloads:
+        workloads = workloads + extra_workloads(args.resnet_widths)
         wanted = [w.strip() for w in args.workloads.split(",") if w.strip()]
         unknown = sorted(set(wanted) - {w.key for w in workloads})
         if unknown:
             raise SystemExit(f"throughput.py: --workloads {unknown} unknown; choose from {[w.key for w in workloads]}")
         workloads = [w for w in workloads if w.key in wanted]
-    classes, data_note = load_classes(args, device) if not args.smoke else (None, "synthetic (--smoke)")
+    if args.smoke:
+        classes, data_note = None, "synthetic (--smoke)"
+    elif all(w.model != "conv4" for w in workloads):
+        classes, data_note = None, "synthetic tasks of the workloads' shapes (miniImageNet-shaped: no episodes to draw)"
+    else:
+        classes, data_note = load_classes(args, device)
     matmul = matmul_flops_per_s(device)
     setup = {
-        "kind": "setup",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **machine_setup(str(device), argv),
         "malloc": ("tuned (maml_func.system.tune_malloc)" if tuned else "glibc as it comes")
                   + "".join(f", {k}={os.environ[k]}" for k in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(k)),
         "data": data_note,
-        "model": "Conv4 (64 filters, stride-2 convs, TaskBatchNorm), 1x28x28 inputs, float32",
-        "inner": f"SGD lr {INNER_LR}; outer Adam 1e-3; one iteration = meta-loss + backward + Adam step",
+        "model": "; ".join(dict.fromkeys(w.describe() for w in workloads)),
+        "inner": "SGD; outer Adam 1e-3; one iteration = meta-loss + backward + Adam step",
         "workloads": [w.name + f" ({w.n_query} queries/class)" for w in workloads],
         "repeats": repeats,
         "matmul_gflop_per_s": matmul / 1e9,
     }
-    print("maml_func throughput benchmark")
-    for k, v in setup.items():
-        if k != "kind":
-            print(f"  {k:<20} {v}")
-    print(flush=True)
+    print_setup("maml_func throughput benchmark", setup, 20)
 
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -561,13 +662,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       + (f"  {mem['error']}" if "error" in mem else ""), flush=True)
 
     records = [setup, *rows, *curve]
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for rec in records:
-                f.write(json.dumps(rec, default=str) + "\n")
-        print(f"\nwrote {len(records)} JSON lines to {path}")
+    write_json_lines(args.json, records)
     return records
 
 

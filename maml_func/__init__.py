@@ -9,7 +9,7 @@ tasks in one vectorized pass.
 from maml_func.algorithms import ALGORITHMS, MAML, Algorithm, Reptile, build, multi_step_weights
 from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt, adapt_trajectory, lslr, meta_sgd, sgd
-from maml_func.models import MLP, Conv4, TaskBatchNorm
+from maml_func.models import MLP, Conv4, ResNet12, TaskBatchNorm
 from maml_func.sinusoid import sample_sinusoid_tasks
 from maml_func.data import ImageClasses, load_dataset
 from maml_func.tasks import EpisodeSampler, TaskBatch
@@ -29,6 +29,7 @@ __all__ = [
     "MAML",
     "MLP",
     "Conv4",
+    "ResNet12",
     "EpisodeSampler",
     "EvalResult",
     "ImageClasses",

@@ -3,11 +3,12 @@
 A thin layer: flags become a :class:`~maml_func.config.TrainConfig` (defaults <
 ``--preset`` < ``--config FILE`` < flags) and the work is done by
 :func:`maml_func.train.fit`, :func:`maml_func.train.evaluate_run` and
-:func:`maml_func.data.download_omniglot`.
+:func:`maml_func.data.download_dataset`.
 
 Exit status: 0 done; 1 the run failed (non-finite loss, no network); 2 bad
-flags, config or paths (one line on stderr, nothing written); 128 + signal
-number after SIGINT/SIGTERM (130 for Ctrl-C), with a checkpoint to resume from.
+flags, config or paths, or data that cannot be downloaded (one line on stderr,
+nothing written); 128 + signal number after SIGINT/SIGTERM (130 for Ctrl-C),
+with a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -103,10 +104,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from maml_func.config import TrainConfig
 
-    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    if "algorithm_options" in values:
-        values["algorithm_options"] = dict(values["algorithm_options"])
-    return values
+    fields = TrainConfig.__dataclass_fields__
+    # KEY=VALUE flags (--algorithm-option, --model-option) arrive as lists of pairs.
+    return {k: dict(v) if fields[k].type.startswith("dict") else v for k, v in vars(args).items() if k in fields}
 
 
 def _command(commands: Any, name: str, summary: str, description: str, examples: Sequence[str] = (),
@@ -121,7 +121,7 @@ def _command(commands: Any, name: str, summary: str, description: str, examples:
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog="maml-func", description="Model-Agnostic Meta-Learning with torch.func: meta-train, "
-                     "evaluate, fetch Omniglot.")
+                     "evaluate, fetch the data sets.")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -162,12 +162,18 @@ def _build_parser() -> _Parser:
                     help="show a progress bar (default: on)")
     _add_config_flags(ev)
 
-    dl = _command(commands, "download", "fetch and verify Omniglot (or copy it from an offline source)",
-                  "Download the two Omniglot archives (images_background, images_evaluation), check their md5 sums "
-                  "and unpack them under --root; with --source, copy them from a folder instead.")
-    dl.add_argument("--root", required=True, metavar="DIR", help="where to put Omniglot (pass the same as --data-root)")
-    dl.add_argument("--source", metavar="DIR_OR_ZIPS",
-                    help="an offline copy: a folder holding images_background.zip and images_evaluation.zip")
+    from maml_func.data import DATASETS, DOWNLOADABLE
+
+    dl = _command(commands, "download", "fetch and verify a data set's archives (or copy them from a folder)",
+                  "Download the official archives of a named data set, check their md5 sums and put them under "
+                  f"--root; with --source, copy them from a folder instead. Downloadable: {', '.join(DOWNLOADABLE)} "
+                  "(miniimagenet and tieredimagenet have no stable public URL: the error names the files to fetch).",
+                  ["maml-func download --root data", "maml-func download --dataset cifarfs --root data/cifar"])
+    dl.add_argument("--dataset", choices=DATASETS, default="omniglot", metavar="NAME",
+                    help=f"which data set: {', '.join(DATASETS)} (default: omniglot)")
+    dl.add_argument("--root", required=True, metavar="DIR",
+                    help="where to put the files (pass the same as --data-root)")
+    dl.add_argument("--source", metavar="DIR", help="an offline copy: a folder holding the release files")
 
     demo = _command(commands, "demo", "meta-learn the sinusoid family of the MAML paper (seconds on a CPU)",
                     "Meta-train the MAML paper's sinusoid regression MLP and print the query error of held-out "
@@ -188,8 +194,13 @@ def _default_run_dir(config: Any) -> str:
     return str(Path("runs") / f"{name}-{config.n_way}w{config.k_shot}s-{config.algorithm}-seed{config.seed}")
 
 
-_OFFLINE_HINT = ("Offline? Pass --source DIR (a folder holding images_background.zip and images_evaluation.zip), "
-                 "or copy them once with: maml-func download --root DATA_ROOT --source DIR")
+def _offline_hint(dataset: str) -> str:
+    """What to do without internet, naming the files of ``dataset`` (a named data set, else Omniglot's)."""
+    from maml_func.data import SOURCE_FILES
+
+    name = dataset if dataset in SOURCE_FILES else "omniglot"
+    return (f"Offline? Pass --source DIR (a folder holding {SOURCE_FILES[name]}), or copy them once with: maml-func "
+            f"download{'' if name == 'omniglot' else ' --dataset ' + name} --root DATA_ROOT --source DIR")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -265,7 +276,7 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
 
 def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool) -> int:
     from maml_func.distributed import DistributedError
-    from maml_func.train import NonFiniteLossError, TrainingInterrupted, fit
+    from maml_func.train import MetaStepOutOfMemory, NonFiniteLossError, TrainingInterrupted, fit
 
     try:
         result = fit(config, resume=resume, progress=progress)
@@ -274,10 +285,10 @@ def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: b
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "
               f"Resume with: maml-func train --resume {shlex.quote(str(where))}", file=sys.stderr)
         return 128 + stop.signal
-    except (NonFiniteLossError, DistributedError) as err:
+    except (NonFiniteLossError, MetaStepOutOfMemory, DistributedError) as err:
         return _fail(prog, str(err), EXIT_FAILED)
     except ConnectionError as err:
-        return _fail(prog, f"{err}. {_OFFLINE_HINT}", EXIT_FAILED)
+        return _fail(prog, f"{err}. {_offline_hint(config.dataset)}", EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
         return _fail(prog, str(err))
 
@@ -318,7 +329,7 @@ def _eval(args: argparse.Namespace) -> int:
                               steps=getattr(args, "steps", None), batch_size=args.batch_size, seed=args.eval_seed,
                               progress=args.progress)
     except ConnectionError as err:
-        return _fail(prog, f"{err}. {_OFFLINE_HINT}", EXIT_FAILED)
+        return _fail(prog, f"{err}. {_offline_hint(config.dataset)}", EXIT_FAILED)
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(prog, str(err))
     if args.json:
@@ -333,20 +344,22 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     from maml_func.atomic import removed_on_failure
-    from maml_func.data import download_omniglot
+    from maml_func.data import SOURCE_FILES, download_dataset
 
     prog = "maml-func download"
     if args.source is not None and not Path(args.source).expanduser().exists():
         return _fail(prog, f"--source {args.source!r} does not exist; pass the folder holding "
-                           "images_background.zip and images_evaluation.zip")
+                           f"{SOURCE_FILES[args.dataset]}")
     try:
         with removed_on_failure(args.root):  # a failed download or copy leaves no empty or partial root
-            path = download_omniglot(args.root, source=args.source)
+            path = download_dataset(args.dataset, args.root, source=args.source)
     except ConnectionError as err:
-        return _fail(prog, f"{err}. {_OFFLINE_HINT}", EXIT_FAILED)
+        return _fail(prog, f"{err}. {_offline_hint(args.dataset)}", EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
         return _fail(prog, str(err))
-    print(f"Omniglot is ready at {path}")
+    then = "" if args.dataset == "omniglot" else (f"; train with: maml-func train --dataset {args.dataset} "
+                                                  f"--data-root {shlex.quote(str(path))}")
+    print(f"{'Omniglot' if args.dataset == 'omniglot' else args.dataset} is ready at {path}{then}")
     return EXIT_OK
 
 

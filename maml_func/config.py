@@ -92,6 +92,13 @@ def _text(*, none_ok: bool = False) -> Check:
     return check
 
 
+def _named_datasets() -> tuple[str, ...]:
+    # Imported here: the config module stays importable without building anything.
+    from maml_func.data import DATASETS
+
+    return DATASETS
+
+
 def _chunk_size(where: str, name: str, value: Any) -> Any:
     return value if value in (None, "auto") else _int(1, "; or None (one vmap) or 'auto'")(where, name, value)
 
@@ -105,7 +112,8 @@ def _device(where: str, name: str, value: Any) -> Any:
 
 def _table(where: str, name: str, value: Any) -> Any:
     if not isinstance(value, Mapping):
-        checks.fail(where, name, "a table of keyword arguments for maml_func.build", value)
+        owner = "maml_func.build" if name == "algorithm_options" else "the model"
+        checks.fail(where, name, f"a table of keyword arguments for {owner}", value)
     return value
 
 
@@ -126,15 +134,18 @@ class TrainConfig:
         ValueError: TrainConfig: n_way must be an int >= 2, got 1; a task needs at least two classes
     """
 
-    dataset: str = option("omniglot", "'omniglot', or the path of an ImageFolder tree (one sub-folder of images "
-                          "per class), split by class into train/val/test", group="Data", check=_text(),
-                          metavar="omniglot|PATH")
-    data_root: str = option("data", "where the Omniglot archives and decoded caches live", group="Data",
+    dataset: str = option("omniglot", "'omniglot', another named benchmark (miniimagenet, tieredimagenet, cifarfs, "
+                          "fc100, cub: each with its standard split), or the path of an ImageFolder tree (one "
+                          "sub-folder of images per class), split by class into train/val/test", group="Data",
+                          check=_text(), metavar="NAME|PATH")
+    data_root: str = option("data", "where the named datasets' archives and decoded caches live", group="Data",
                             check=_text(), resumable=True, metavar="DIR")
-    source: str | None = option(None, "an offline copy of Omniglot: a folder holding images_background.zip and "
-                                "images_evaluation.zip (or their extracted trees)", group="Data",
-                                check=_text(none_ok=True), resumable=True, metavar="DIR_OR_ZIPS")
-    download: bool = option(True, "download Omniglot into data_root when it is not there", group="Data",
+    source: str | None = option(None, "an offline copy of a named dataset: a folder holding its release files (for "
+                                "Omniglot images_background.zip and images_evaluation.zip or their extracted "
+                                "trees; see maml_func.data for the others)", group="Data",
+                                check=_text(none_ok=True), resumable=True, metavar="DIR")
+    download: bool = option(True, "download a named dataset into data_root when it is not there (Omniglot, "
+                            "cifarfs, fc100, cub; miniimagenet and tieredimagenet have no public URL)", group="Data",
                             check=checks.flag, resumable=True)
     image_size: int = option(28, "resize images to image_size x image_size pixels", group="Data",
                              check=_int(16, "; Conv4 halves the resolution four times"), metavar="PX")
@@ -162,8 +173,8 @@ class TrainConfig:
                                            "max-pooling blocks", group="Model", check=_table, factory=dict,
                                            metavar="KEY=VALUE", flag="--model-option")
     hidden: int = option(64, "filters per Conv4 block", group="Model", check=_int(1), metavar="C")
-    algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp or "
-                            "reptile", group="Algorithm", check=_text(), metavar="NAME")
+    algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp, "
+                            "reptile or imaml", group="Algorithm", check=_text(), metavar="NAME")
     algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build (on the command "
                                                "line: --algorithm-option KEY=VALUE, repeatable)",
                                                group="Algorithm", check=_table, factory=dict, metavar="KEY=VALUE",
@@ -230,12 +241,14 @@ class TrainConfig:
             check = f.metadata.get("check")
             if check is not None:
                 check(_WHERE, f.name, getattr(self, f.name))
-        if self.skip_bad_files and self.dataset == "omniglot":
-            raise ValueError("TrainConfig: skip_bad_files applies to ImageFolder trees; Omniglot's archives are "
+        named = _named_datasets()
+        if self.skip_bad_files and self.dataset in named:
+            raise ValueError(f"TrainConfig: skip_bad_files applies to ImageFolder trees; {self.dataset}'s files are "
                              "checked by checksum or layout instead; drop skip_bad_files")
-        if self.source is not None and self.dataset != "omniglot":
-            raise ValueError(f"TrainConfig: source applies to dataset='omniglot' only (an offline copy of it), got "
-                             f"source={self.source!r} with dataset={self.dataset!r}; drop source")
+        if self.source is not None and self.dataset not in named:
+            raise ValueError(f"TrainConfig: source applies to dataset='omniglot' only (or another named dataset: "
+                             f"{', '.join(named[1:])}; an offline copy of it), got source={self.source!r} with "
+                             f"dataset={self.dataset!r}; drop source")
         # Imported here: the config module stays importable without building anything.
         from maml_func.algorithms import ALGORITHMS
 
@@ -249,7 +262,7 @@ class TrainConfig:
                              "set them directly (e.g. inner_lr=0.4) instead")
 
     def check_paths(self) -> None:
-        """Check that ``dataset`` (unless ``"omniglot"``) and ``source`` exist on this machine.
+        """Check that ``dataset`` (unless a named dataset) and ``source`` exist on this machine.
 
         Kept out of ``__post_init__`` so that the config of a checkpoint made
         elsewhere can still be loaded (and its model evaluated on other data).
@@ -257,12 +270,15 @@ class TrainConfig:
         Raises:
             ValueError: naming the missing path and what to pass instead.
         """
-        if self.dataset != "omniglot" and not Path(self.dataset).expanduser().is_dir():
+        named = _named_datasets()
+        if self.dataset not in named and not Path(self.dataset).expanduser().is_dir():
             raise ValueError(f"TrainConfig: dataset {self.dataset!r} is neither 'omniglot' nor an existing "
-                             "directory; pass 'omniglot' or the path of an ImageFolder tree (one sub-folder per class)")
+                             f"directory; pass a named dataset ({', '.join(named)}) or the path of an ImageFolder "
+                             "tree (one sub-folder per class)")
         if self.source is not None and not Path(self.source).expanduser().exists():
-            raise ValueError(f"TrainConfig: source {self.source!r} does not exist; pass the folder holding "
-                             "images_background.zip and images_evaluation.zip (or an extracted copy)")
+            held = ("images_background.zip and images_evaluation.zip (or an extracted copy)"
+                    if self.dataset == "omniglot" else f"the {self.dataset} release files (see maml_func.data)")
+            raise ValueError(f"TrainConfig: source {self.source!r} does not exist; pass the folder holding {held}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what checkpoints and ``metrics.jsonl`` store)."""
@@ -389,8 +405,10 @@ def make_config(
         file: a TOML or JSON config file (see :func:`load_config_file`).
         base: values under everything else (e.g. the config of a checkpoint).
         **overrides: fields that win over everything (e.g. command-line flags).
-            Changing ``dataset`` to a folder tree drops a ``source`` that came
-            only from ``base`` (it is an offline copy of Omniglot).
+            Changing ``dataset`` drops a ``source`` that came only from
+            ``base`` (it is an offline copy of the dataset it replaces);
+            changing ``model`` drops ``model_options`` of ``base`` or the
+            preset (they are the other network's).
 
     Raises:
         ValueError: unknown preset or key, or an invalid value.
@@ -402,6 +420,7 @@ def make_config(
     values: dict[str, Any] = {}
     if base is not None:
         values.update(base.to_dict() if isinstance(base, TrainConfig) else base)
+    inherited = values.get("dataset", "omniglot")
     from_file = load_config_file(file) if file is not None else {}
     preset = preset if preset is not None else from_file.pop("preset", None)
     from_file.pop("preset", None)
@@ -409,10 +428,13 @@ def make_config(
         if preset not in PRESETS:
             raise ValueError(f"make_config: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
+    model = values.get("model", "conv4")
     values.update(from_file)
     values.update(overrides)
-    if values.get("dataset", "omniglot") != "omniglot" and "source" not in {**from_file, **overrides}:
-        # An offline copy of Omniglot inherited from ``base`` (a checkpoint's config) means nothing for the
-        # folder tree that replaces it: the dataset changed, so its source goes with it.
+    if values.get("dataset", "omniglot") != inherited and "source" not in {**from_file, **overrides}:
+        # An offline copy inherited from ``base`` (a checkpoint's config) means nothing for the dataset that
+        # replaces it: the dataset changed, so its source goes with it.
         values.pop("source", None)
+    if values.get("model", "conv4") != model and "model_options" not in {**from_file, **overrides}:
+        values.pop("model_options", None)  # e.g. the miniImageNet preset's pool=True, which ResNet12 does not take
     return TrainConfig.from_dict(values, origin="make_config")

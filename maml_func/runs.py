@@ -23,7 +23,7 @@ from maml_func.algorithms import build
 from maml_func.atomic import removed_on_failure
 from maml_func.config import TrainConfig
 from maml_func.core import MetaParams
-from maml_func.data import load_dataset
+from maml_func.data import DATASETS, load_dataset
 from maml_func.distributed import World
 from maml_func.evaluate import EvalResult, evaluate
 from maml_func.models import build_model
@@ -113,12 +113,12 @@ def build_algorithm(config: TrainConfig, *, in_channels: int | None = None) -> t
 
 def load_splits(config: TrainConfig) -> dict[str, Any]:
     """The train/val/test classes (on the CPU) of the config's dataset."""
-    omniglot = config.dataset == "omniglot"
+    named = config.dataset in DATASETS
     return load_dataset(
         config.dataset, root=config.data_root, image_size=config.image_size, channels=config.channels,
         split=config.split, seed=config.split_seed,
-        # download and source mean something for Omniglot only; a folder tree is read where it is.
-        download=config.download and omniglot, source=config.source if omniglot else None,
+        # download and source mean something for the named datasets only; a folder tree is read where it is.
+        download=config.download and named, source=config.source if named else None,
         skip_bad_files=config.skip_bad_files,
     )
 

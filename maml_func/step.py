@@ -28,6 +28,26 @@ __all__ = ["NonFiniteLossError", "meta_gradient", "meta_lr_at", "train_step"]
 Metrics = dict[str, Tensor]
 
 
+class MetaStepOutOfMemory(MemoryError):
+    """A meta-iteration did not fit in memory (host or device); its update was not applied.
+
+    Attributes:
+        iteration: the 1-based iteration that did not fit.
+        checkpoint: the last checkpoint (``None`` when none was written).
+    """
+
+    def __init__(self, message: str, iteration: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` or the CPU allocator's."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text))
+
+
 class NonFiniteLossError(FloatingPointError):
     """The meta-loss or meta-gradient became NaN/inf; the update was not applied, the bad state not saved.
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from maml_func import checks
 from maml_func.data.classes import ImageClasses
 
-__all__ = ["EpisodeSampler", "TaskBatch"]
+__all__ = ["EpisodeSampler", "TaskBatch", "crop_and_flip"]
 
 
 class TaskBatch(NamedTuple):
@@ -67,6 +67,16 @@ class EpisodeSampler:
     made once here, so ``rotations=True`` costs four times the images' memory
     and nothing per sample.
 
+    With ``augment=True`` every image of every task (support and query) is
+    also randomly cropped and flipped, as the published protocols of the
+    ImageNet, CIFAR and CUB benchmarks augment their training images: padded
+    with ``crop_padding`` zero pixels on each side, cut back to ``H × W`` at a
+    random offset, and mirrored left-right with probability 1/2. The offsets
+    and flips are drawn from the same ``generator`` after the tasks, and the
+    whole meta-batch is cropped and flipped by one indexing operation on the
+    device. Augment meta-training tasks only: validation and test tasks are
+    seen as they are.
+
     Args:
         classes: the images, ``[n_classes, max_per_class, C, H, W]`` uint8, with
             their per-class ``counts``; put them on the device first.
@@ -74,6 +84,8 @@ class EpisodeSampler:
         k_shot: support images per class.
         n_query: query images per class.
         rotations: rotate each class of a task by ``k * 90°``, ``k`` random.
+        augment: random crop with padding and horizontal flip, per task and image.
+        crop_padding: pixels of zero padding for the random crop (4, as the protocols use).
 
     Raises:
         ValueError: a non-positive ``n_way``/``k_shot``/``n_query``, ``n_way``
@@ -92,13 +104,15 @@ class EpisodeSampler:
     """
 
     def __init__(self, classes: ImageClasses, n_way: int, k_shot: int, n_query: int, *,
-                 rotations: bool = False) -> None:
+                 rotations: bool = False, augment: bool = False, crop_padding: int = 4) -> None:
         name = type(self).__name__
         if not isinstance(classes, ImageClasses):
             raise TypeError(f"{name}: classes must be an ImageClasses (see maml_func.data.load_dataset), "
                             f"got {type(classes).__name__}")
         for arg, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
             checks.integer(name, arg, value, minimum=1, expect="a positive int")
+        checks.flag(name, "augment", augment)
+        checks.integer(name, "crop_padding", crop_padding, minimum=0, expect="an int >= 0")
         images, counts = classes.images, classes.counts
         if images.dtype != torch.uint8 or images.dim() != 5:
             raise ValueError(f"{name}: classes.images must be uint8 [n_classes, max_per_class, C, H, W], "
@@ -128,6 +142,7 @@ class EpisodeSampler:
                              "resize them or pass rotations=False")
 
         self.n_way, self.k_shot, self.n_query, self.rotations = n_way, k_shot, n_query, bool(rotations)
+        self.augment, self.crop_padding = augment, crop_padding
         self.num_classes = n_classes
         self.device = images.device
         self._image_shape = (channels, height, width)
@@ -144,7 +159,7 @@ class EpisodeSampler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(classes={self.num_classes}, image_shape={self._image_shape}, "
                 f"n_way={self.n_way}, k_shot={self.k_shot}, n_query={self.n_query}, "
-                f"rotations={self.rotations}, device={self.device})")
+                f"rotations={self.rotations}, augment={self.augment}, device={self.device})")
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         """Draw ``num_tasks`` tasks; the same generator state gives the same batch.
@@ -180,6 +195,8 @@ class EpisodeSampler:
         index = first.unsqueeze(2) + slot  # [T, N, K+Q] rows of the pool
         index = torch.cat([index[:, :, :k].reshape(t, -1), index[:, :, k:].reshape(t, -1)], dim=1)
         x = self._pool.index_select(0, index.flatten()).view(t, -1, *self._image_shape)  # [T, N*(K+Q), C, H, W]
+        if self.augment:
+            x = crop_and_flip(x, self.crop_padding, generator)
         support = n * k
         return TaskBatch(
             x[:, :support].to(torch.float32).div_(255),
@@ -187,6 +204,35 @@ class EpisodeSampler:
             x[:, support:].to(torch.float32).div_(255),
             self._y_query.expand(t, -1).clone(),
         )
+
+
+def crop_and_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding and random horizontal flip of every image, in one gather.
+
+    ``x`` is ``[..., C, H, W]``; each image is padded with ``padding`` zero
+    pixels per side and cut back to ``H × W`` at an offset drawn uniformly from
+    ``0..2*padding`` in each direction, then mirrored left-right with
+    probability 1/2. Draws from ``generator`` (on ``x``'s device): the offsets,
+    then the flips.
+
+    Example:
+        >>> import torch
+        >>> x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
+        >>> crop_and_flip(x, 0, torch.Generator().manual_seed(0)).shape
+        torch.Size([1, 1, 4, 4])
+    """
+    *lead, channels, height, width = x.shape
+    images = x.reshape(-1, channels, height, width)  # [B, C, H, W]
+    b, draw = images.shape[0], {"generator": generator, "device": x.device}
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))  # [B, C, H+2p, W+2p]
+    offsets = torch.randint(2 * padding + 1, (2, b, 1), **draw)  # [2, B, 1]: rows, columns
+    flips = torch.rand(b, 1, **draw) < 0.5  # [B, 1]
+    rows = offsets[0] + torch.arange(height, device=x.device)  # [B, H]
+    cols = torch.arange(width, device=x.device).expand(b, -1)
+    cols = offsets[1] + torch.where(flips, width - 1 - cols, cols)  # [B, W], mirrored where flipped
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).reshape(*lead, channels, height, width)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

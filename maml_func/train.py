@@ -37,11 +37,13 @@ from maml_func.rundir import BEST, LAST, RunDirectory, check_creatable, checkpoi
 from maml_func.runs import (TrainResult, build_algorithm, evaluate_run, load_run, load_splits, resolve_device,
                             rng_scope, task_sampler)
 from maml_func.state import Checkpoint, TrainState, check_resume
-from maml_func.step import FiniteGuard, NonFiniteLossError, meta_gradient, meta_lr_at, train_step
+from maml_func.step import (
+    FiniteGuard, MetaStepOutOfMemory, NonFiniteLossError, is_out_of_memory, meta_gradient, meta_lr_at, train_step,
+)
 from maml_func.tasks import EpisodeSampler
 
 __all__ = [
-    "PRESETS", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm",
+    "PRESETS", "MetaStepOutOfMemory", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm",
     "check_run_directory", "checkpoint_path", "evaluate_run", "fit", "load_run", "make_config", "meta_gradient",
     "meta_lr_at", "train_step",
 ]
@@ -146,6 +148,20 @@ class _Run:
             f"update ({where}). Lower inner_lr (now {self.config.inner_lr}) or meta_lr (now {self.config.meta_lr}), "
             "or use dtype='float64'", err.iteration, kept, quantity=err.quantity, value=err.value)
 
+    def out_of_memory(self, err: BaseException, iteration: int) -> BaseException:
+        """``err`` as a :class:`MetaStepOutOfMemory` that says what to change, or ``err`` itself if it is another."""
+        if not is_out_of_memory(err):
+            return err
+        kept = self.files.file(LAST) if self.last_saved is not None else None
+        where = (f"the checkpoint of iteration {self.last_saved}, {kept}, is kept (--resume continues from it)"
+                 if kept is not None else "no checkpoint was written")
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return MetaStepOutOfMemory(
+            f"fit: meta-iteration {iteration} did not fit in memory ({first}); {where}. Lower the memory of a "
+            "meta-iteration: backprop='adjoint' (exact second order with the activations of one inner step), "
+            "tasks_per_backward (one backward per that many tasks), a smaller meta_batch or chunk_size, or "
+            "first_order=True", iteration, kept)
+
     def result(self, state: TrainState, stopped: str) -> TrainResult:
         return TrainResult(self.config, self.model, self.algorithm, state.meta, state.iteration,
                            state.best_val_accuracy, state.best_iteration, self.files.path, self.files.history, stopped)
@@ -219,6 +235,8 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
                                             tasks_per_backward=config.tasks_per_backward, guard=finite))
             except NonFiniteLossError as err:
                 raise run.non_finite(err) from None
+            except (MemoryError, RuntimeError) as err:
+                raise run.out_of_memory(err, state.iteration + 1) from None
             bar.update(1)
             if due(config.log_every):
                 settle()

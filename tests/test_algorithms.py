@@ -29,7 +29,7 @@ from maml_func import (
 from maml_func.algorithms import anil, mamlpp, metasgd
 from maml_func.reference import loop_meta_loss
 
-NAMES = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"]
+NAMES = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"]
 N_WAY, K_SHOT, N_QUERY, TASKS = 3, 2, 2, 3
 
 # Options that exercise what is special about each algorithm in the float64
@@ -42,6 +42,7 @@ EQUALITY_OPTIONS = {
     "metasgd": dict(inner_steps=2),
     "mamlpp": dict(inner_lr=0.3, inner_steps=3, multi_step_iterations=10),
     "reptile": dict(inner_lr=0.3, inner_steps=3, inner_batch_size=4),
+    "imaml": dict(inner_lr=0.1, inner_steps=3, lam=2.0, cg_steps=4),
 }
 ITERATION = 4
 
@@ -307,6 +308,8 @@ SINUSOID = {
     "metasgd": (dict(inner_lr=0.02, inner_steps=1), 1e-2, 400, 1),
     "mamlpp": (dict(inner_lr=0.03, inner_steps=2, multi_step_iterations=100), 3e-3, 500, 2),
     "reptile": (dict(inner_lr=0.02, inner_steps=5), 1e-2, 400, 5),
+    # inner_lr * inner_steps ~ 1 / lam: the proximal problem close to solved in 10 steps
+    "imaml": (dict(inner_lr=0.01, inner_steps=10, lam=10.0, cg_steps=5), 3e-3, 200, 10),
 }
 
 

@@ -256,13 +256,7 @@ def test_maml_and_lake_splits() -> None:
         omniglot.omniglot_splits(classes.subset([0, 1, 2]))
 
 
-def test_load_dataset_omniglot_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="grayscale"):
-        load_dataset("omniglot", root=tmp_path, channels=3)
-    with pytest.raises(ValueError, match="skip_bad_files applies to folder trees"):
-        load_dataset("omniglot", root=tmp_path, skip_bad_files=True)
-    with pytest.raises(ValueError, match="image_size must be a positive int"):
-        load_dataset("omniglot", root=tmp_path, image_size=0)
+# load_dataset's refusals of options that do not apply (Omniglot's among them): tests/test_datasets.py.
 
 
 # ---------------------------------------------------------------- folder trees

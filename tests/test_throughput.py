@@ -163,3 +163,21 @@ def test_the_vectorized_cpu_path_tunes_malloc_once_unless_told_not_to(setting):
     assert out.returncode == 0, out.stderr
     glibc = platform.libc_ver()[0] == "glibc"
     assert out.stdout.split() == ["False", str(glibc and setting is None)]
+
+
+def test_memory_benchmark_smoke_run(tmp_path):
+    """benchmarks/memory.py: every method and S runs in its fresh process and reports memory, time and ratios."""
+    out = tmp_path / "memory.jsonl"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "memory.py"), "--smoke", "--steps", "2", "--json",
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["kind"] == "setup" and lines[0]["torch"] == torch.__version__ and lines[0]["steps"] == [2]
+    rows = [r for r in lines if r["kind"] == "row"]
+    assert [(r["method"], r["steps"]) for r in rows] == [(m, 2) for m in ("unroll", "adjoint", "imaml")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["peak_bytes"] > r["rise_bytes"] > 0 and 0 < r["ms_min"] <= r["ms_median"] <= r["ms_max"]
+    summary = lines[-1]
+    assert summary["kind"] == "summary" and summary["reference_steps"] == summary["largest_steps"] == 2
+    assert summary["adjoint_time_vs_unroll"] > 0 and summary["unroll_rise_ratio"] == 1.0

@@ -21,6 +21,7 @@ from maml_func import step as step_module
 from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
 from maml_func.train import (
+    MetaStepOutOfMemory,
     NonFiniteLossError,
     TrainingInterrupted,
     evaluate_run,
@@ -105,7 +106,9 @@ def test_presets_follow_the_maml_paper() -> None:
             assert (config.inner_lr, config.inner_steps, config.eval_inner_steps, config.meta_batch) == (0.4, 1, 3, 32)
         else:
             assert (config.inner_lr, config.inner_steps, config.eval_inner_steps, config.meta_batch) == (0.1, 5, 5, 16)
-    assert sorted(PRESETS) == ["omniglot-20w1s", "omniglot-20w5s", "omniglot-5w1s", "omniglot-5w5s"]
+    assert sorted(PRESETS) == ["cifarfs-5w1s", "cub-5w1s", "fc100-5w1s", "miniimagenet-5w1s", "miniimagenet-5w5s",
+                               "omniglot-20w1s", "omniglot-20w5s", "omniglot-5w1s", "omniglot-5w5s",
+                               "tieredimagenet-5w1s"]
 
 
 def test_config_precedence_defaults_preset_file_flags(tmp_path: Path) -> None:
@@ -307,6 +310,31 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(glyphs: Path, tmp_pa
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["iteration"] == 4
     assert all(torch.isfinite(p).all() for p in last["meta"]["model"].values())
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 8 bytes. Error code 12"),
+                                   MemoryError()], ids=["torch-cpu", "python"])
+def test_out_of_memory_stops_with_the_checkpoint_and_the_fix(glyphs: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, error) -> None:
+    def exhausted(algorithm, meta, batch, iteration, **kwargs):
+        if iteration == 4:
+            raise error
+        return meta_gradient(algorithm, meta, batch, iteration, **kwargs)
+
+    monkeypatch.setattr(step_module, "meta_gradient", exhausted)
+    with pytest.raises(MetaStepOutOfMemory, match="meta-iteration 5 did not fit in memory") as err:
+        fit(tiny(glyphs, tmp_path / "run"), progress=False)
+    assert err.value.iteration == 5 and err.value.checkpoint == tmp_path / "run" / "last.pt"
+    assert "backprop='adjoint'" in str(err.value) and "--resume continues from it" in str(err.value)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 4
+
+    def broken(*args, **kwargs):  # any other RuntimeError is not mistaken for one
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(step_module, "meta_gradient", broken)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        fit(tiny(glyphs, tmp_path / "other"), progress=False)
 
 
 def test_a_huge_inner_step_is_caught_as_non_finite(glyphs: Path, tmp_path: Path) -> None:

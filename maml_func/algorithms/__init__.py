@@ -8,7 +8,9 @@ makes one by name, so switching algorithm is one argument.
 
 The variants are compositions, not subclasses: first-order MAML, ANIL,
 Meta-SGD and MAML++ are :class:`MAML` with an option or an inner rule set;
-Reptile, whose meta-update is not a query-loss gradient, is :class:`Reptile`.
+Reptile, whose meta-update is not a query-loss gradient, is :class:`Reptile`;
+implicit MAML, whose meta-gradient is a linear solve at the inner solution
+rather than a derivative through the inner loop, is :class:`IMAML`.
 
 =========  =====================================================  ==============================
 name       is                                                     paper
@@ -20,7 +22,12 @@ metasgd    ``MAML(model, rule=meta_sgd(inner_lr))``               Li et al. 2017
 mamlpp     ``MAML(model, rule=lslr(inner_lr), inner_steps=5,      Antoniou et al. 2019
            multi_step_iterations=...)``
 reptile    ``Reptile(model)``                                     Nichol et al. 2018
+imaml      ``IMAML(model)``                                       Rajeswaran et al. 2019
 =========  =====================================================  ==============================
+
+Every algorithm of the MAML family takes ``backprop="adjoint"`` for the exact
+second-order meta-gradient with the memory of one inner step
+(:mod:`maml_func.algorithms.adjoint`).
 """
 
 from __future__ import annotations
@@ -31,18 +38,24 @@ from typing import Any
 
 from torch import nn
 
+from maml_func.algorithms.adjoint import BACKPROPS, adjoint_trajectory
 from maml_func.algorithms.base import Algorithm
+from maml_func.algorithms.imaml import IMAML, conjugate_gradient
 from maml_func.algorithms.maml import MAML, multi_step_weights
 from maml_func.algorithms.reptile import Reptile
 from maml_func.inner import lslr, meta_sgd
 
 __all__ = [
     "ALGORITHMS",
+    "BACKPROPS",
+    "IMAML",
     "MAML",
     "Algorithm",
     "Reptile",
+    "adjoint_trajectory",
     "anil",
     "build",
+    "conjugate_gradient",
     "fomaml",
     "mamlpp",
     "metasgd",
@@ -188,6 +201,7 @@ ALGORITHMS: dict[str, Callable[..., Algorithm]] = {
     "metasgd": metasgd,
     "mamlpp": mamlpp,
     "reptile": reptile,
+    "imaml": IMAML,
 }
 
 
@@ -196,7 +210,7 @@ def build(name: str, model: nn.Module, **kwargs: Any) -> Algorithm:
 
     Args:
         name: one of :data:`ALGORITHMS`: ``"maml"``, ``"fomaml"``, ``"anil"``,
-            ``"metasgd"``, ``"mamlpp"``, ``"reptile"``.
+            ``"metasgd"``, ``"mamlpp"``, ``"reptile"``, ``"imaml"``.
         model: the template network.
         **kwargs: the algorithm's options (``inner_lr``, ``inner_steps``, ``chunk_size``, ...).
 

@@ -10,30 +10,36 @@ pieces, each usable on its own:
 - the inner loop: :func:`maml_func.inner.adapt_trajectory` with an
   :class:`~maml_func.inner.InnerRule`, resolved from the constructor's
   ``inner_lr``/``rule`` by :func:`resolve_rule`;
-- the batching over tasks: :func:`maml_func.batching.map_tasks`;
+- the batching over tasks: :func:`maml_func.batching.map_tasks`, with an
+  algorithm's own options by :func:`map_algorithm`, and the evaluation of
+  every inner step of a meta-batch, :func:`evaluate_paths`;
 - the checks of the options every algorithm has: :func:`check_options`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_func import checks
-from maml_func.batching import check_chunk_size, stack_metrics
-from maml_func.core import MetaParams, Params, accuracy, forward
+from maml_func.batching import check_chunk_size, map_tasks, stack_metrics
+from maml_func.core import MetaParams, Params, accuracy, forward, params_and_buffers
 from maml_func.inner import InnerRule, sgd
 from maml_func.tasks import TaskBatch
 
 __all__ = [
     "LOSSES",
     "Algorithm",
+    "PlainRuleAlgorithm",
     "Metrics",
     "check_options",
+    "evaluate_paths",
+    "map_algorithm",
     "meta_parameters",
+    "resolve_plain_rule",
     "resolve_rule",
     "score",
     "score_path",
@@ -69,6 +75,10 @@ class Algorithm(Protocol):
     @property
     def inner_steps(self) -> int:
         """Inner updates at meta-training time (the default of ``steps`` below)."""
+
+    @property
+    def loss(self) -> str:
+        """The per-task objective, one of :data:`LOSSES`."""
 
     @property
     def chunk_size(self) -> int | str | None:
@@ -172,3 +182,60 @@ def resolve_rule(where: str, rule: Any, inner_lr: Any, default_lr: float) -> tup
         raise ValueError(f"{where}: inner_lr={inner_lr!r} contradicts the step size of the rule ({rule.lr!r}); "
                          "leave inner_lr out (it is read from the rule) or build the rule with the step size you want")
     return rule, rule.lr
+
+
+def resolve_plain_rule(where: str, rule: Any, inner_lr: Any, default_lr: float, model: nn.Module, inner_steps: int,
+                       why: str) -> tuple[InnerRule, float | None]:
+    """:func:`resolve_rule` for an algorithm that meta-learns no inner rule (Reptile, iMAML).
+
+    A rule with meta-learned parameters (``meta_sgd``, ``lslr``) is refused,
+    with ``why`` (why this algorithm cannot train them) in the message.
+    """
+    rule, inner_lr = resolve_rule(where, rule, inner_lr, default_lr)
+    learned = rule.init(dict(model.named_parameters()), inner_steps)
+    if learned:
+        raise ValueError(f"{where}: the inner rule has meta-learned parameters ({sorted(learned)[:3]}...), "
+                         f"which {why}; use sgd(lr), or MAML with this rule")
+    return rule, inner_lr
+
+
+class PlainRuleAlgorithm:
+    """The set-up of an algorithm whose inner rule has no meta-learned parameters (Reptile, iMAML).
+
+    A base for frozen dataclasses with ``model``, ``rule``, ``inner_lr`` and
+    ``inner_steps`` fields: :meth:`_set_rule` in ``__post_init__``, then
+    :meth:`init` and :meth:`parameters` as every such algorithm has them.
+    """
+
+    def _set_rule(self, default_lr: float, why: str) -> None:
+        """Resolve ``rule``/``inner_lr`` (:func:`resolve_plain_rule`) into ``_rule`` and ``inner_lr``."""
+        name = type(self).__name__
+        rule, inner_lr = resolve_plain_rule(name, self.rule, self.inner_lr, default_lr, self.model,  # type: ignore
+                                            self.inner_steps, why)  # type: ignore[attr-defined]
+        object.__setattr__(self, "_rule", rule)
+        object.__setattr__(self, "inner_lr", inner_lr)
+
+    def init(self) -> MetaParams:
+        """Fresh meta-parameters ``{"model": Params, "rule": {}}``."""
+        params, _ = params_and_buffers(self.model)  # type: ignore[attr-defined]
+        return {"model": params, "rule": {}}
+
+    def parameters(self, meta: MetaParams) -> list[Tensor]:
+        """Every meta-learned tensor, for an optimizer."""
+        return meta_parameters(meta)
+
+
+def map_algorithm(algorithm: Algorithm, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
+    """:func:`maml_func.batching.map_tasks` of ``fn(meta, xs, ys, xq, yq)`` with ``algorithm``'s batching options."""
+    return map_tasks(fn, meta, batch, chunk_size=algorithm.chunk_size, vectorize=algorithm.vectorize,
+                     caller=type(algorithm).__name__)
+
+
+def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,
+                   path: Callable[[MetaParams, Tensor, Tensor], Sequence[Params]]) -> Metrics:
+    """Query metrics along ``path(meta, x_support, y_support)`` of every task, ``[T, len(path)]`` each."""
+
+    def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
+        return score_path(algorithm.model, path(meta, xs, ys), xq, yq, algorithm.loss)
+
+    return map_algorithm(algorithm, fn, meta, batch)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from maml_func import checks
+from maml_func.algorithms.adjoint import BACKPROPS, adjoint_trajectory
 from maml_func.algorithms.base import (
-    Metrics, check_options, meta_parameters, resolve_rule, score, score_path, task_loss,
+    Metrics, check_options, evaluate_paths, map_algorithm, meta_parameters, resolve_rule, score, task_loss,
 )
-from maml_func.batching import map_tasks
 from maml_func.core import MetaParams, Params, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
@@ -40,6 +40,7 @@ __all__ = ["MAML", "multi_step_weights"]
 # at 0.03 / steps while annealing, so early steps never drop out abruptly.
 _MIN_STEP_WEIGHT = 0.03
 _DEFAULT_INNER_LR = 0.4
+_CHECKPOINT_EVERY = 2
 
 
 def multi_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list[float]:
@@ -114,6 +115,20 @@ class MAML:
         first_order_iterations: derivative-order annealing (MAML++): first-order
             inner gradients for meta-iterations ``0..first_order_iterations-1``,
             second order after (unless ``first_order``). 0 turns it off.
+        backprop: how the second-order meta-gradient is taken. ``"unroll"``
+            (default): autograd through the recorded inner loop, whose memory
+            grows with ``inner_steps``. ``"adjoint"``: the inner loop keeps only
+            its parameters and the meta-backward recomputes one step at a time
+            (:mod:`maml_func.algorithms.adjoint`): the same meta-gradient up to
+            rounding, the activation memory of one inner step whatever
+            ``inner_steps``, one more support forward and backward per step.
+            First-order steps are the same computation either way.
+        checkpoint_every: with ``backprop="adjoint"``, the inner loop's
+            parameters are kept after every this many steps and the backward
+            re-runs the steps in between (:func:`~maml_func.algorithms.adjoint.adjoint_trajectory`):
+            1 keeps one parameter set per task and step (the fastest), larger
+            values trade time (``(k-1)/k`` of a support gradient per step)
+            for that memory.
 
     Example:
         >>> import torch
@@ -137,6 +152,8 @@ class MAML:
     vectorize: bool = True
     multi_step_iterations: int | None = None
     first_order_iterations: int = 0
+    backprop: str = "unroll"
+    checkpoint_every: int = _CHECKPOINT_EVERY
     _rule: InnerRule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +164,11 @@ class MAML:
             raise ValueError(f"{name}: the multi-step loss (multi_step_iterations="
                              f"{self.multi_step_iterations}) needs inner_steps >= 1, got {self.inner_steps}")
         checks.integer(name, "first_order_iterations", self.first_order_iterations, minimum=0)
+        checks.choice(name, "backprop", self.backprop, BACKPROPS)
+        checks.integer(name, "checkpoint_every", self.checkpoint_every, minimum=1, expect="a positive int")
+        if self.backprop != "adjoint" and self.checkpoint_every != _CHECKPOINT_EVERY:
+            raise ValueError(f"{name}: checkpoint_every={self.checkpoint_every} applies to backprop='adjoint' only "
+                             f"(backprop={self.backprop!r} keeps the whole graph); drop it or set backprop='adjoint'")
         if self.adapt_only is not None and not callable(self.adapt_only):
             raise TypeError(f"{name}: adapt_only must be a predicate on parameter names "
                             f"(e.g. lambda n: n.startswith('head.')), got {self.adapt_only!r}")
@@ -197,10 +219,9 @@ class MAML:
         dicts. ``first_order`` overrides the algorithm's own (for schedules).
         """
         adapted, frozen = self._split(meta["model"])
-        buffers = dict(self.model.named_buffers())
 
         def support_loss(p: Params) -> Tensor:
-            return task_loss(self.loss, forward(self.model, combine(p, frozen), buffers, x_support), y_support)
+            return self._support_loss(combine(p, frozen), x_support, y_support)
 
         steps = self.inner_steps if steps is None else steps
         path = adapt_trajectory(
@@ -231,14 +252,28 @@ class MAML:
         ``multi_step_iterations`` and ``first_order_iterations``.
         """
         first_order = self.first_order or iteration < self.first_order_iterations
-        path = self.trajectory(meta, x_support, y_support, first_order=first_order)
-        if self.multi_step_iterations is None or iteration >= self.multi_step_iterations:
-            return score(self.model, path[-1], x_query, y_query, self.loss)
+        last_only = self.multi_step_iterations is None or iteration >= self.multi_step_iterations
+        if self.backprop == "adjoint" and not first_order:
+            later = self._adjoint_path(meta, x_support, y_support, every_step=not last_only)
+        else:
+            path = self.trajectory(meta, x_support, y_support, first_order=first_order)
+            later = path[1:] or path
+        if last_only:
+            return score(self.model, later[-1], x_query, y_query, self.loss)
         weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
-        scores = [score(self.model, p, x_query, y_query, self.loss) for p in path[1:]]
+        scores = [score(self.model, p, x_query, y_query, self.loss) for p in later]
         metrics = dict(scores[-1])
         metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, scores))
         return metrics
+
+    def _adjoint_path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, every_step: bool) -> list[Params]:
+        adapted, frozen = self._split(meta["model"])
+        return adjoint_trajectory(self._support_loss, adapted, frozen, x_support, y_support, rule=self._rule,
+                                  rule_params=meta["rule"], steps=self.inner_steps, every_step=every_step,
+                                  checkpoint_every=self.checkpoint_every)
+
+    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return task_loss(self.loss, forward(self.model, params, dict(self.model.named_buffers()), x), y)
 
     # -------------------------------------------------------------- T tasks
     def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
@@ -257,7 +292,7 @@ class MAML:
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
             return self.task_metrics(meta, xs, ys, xq, yq, iteration)
 
-        metrics = self._map(fn, meta, batch)
+        metrics = map_algorithm(self, fn, meta, batch)
         return metrics["loss"].mean(), metrics
 
     def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
@@ -269,12 +304,4 @@ class MAML:
             ``grad`` still works there).
         """
         steps = self.inner_steps if steps is None else steps
-
-        def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-            return score_path(self.model, self.trajectory(meta, xs, ys, steps), xq, yq, self.loss)
-
-        return self._map(fn, meta, batch)
-
-    def _map(self, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
-        return map_tasks(fn, meta, batch, chunk_size=self.chunk_size, vectorize=self.vectorize,
-                         caller=type(self).__name__)
+        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self.trajectory(meta, xs, ys, steps))

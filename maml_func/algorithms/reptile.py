@@ -28,7 +28,6 @@ tasks of :func:`maml_func.batching.map_tasks`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +35,9 @@ from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.algorithms.base import (
-    Metrics, check_options, meta_parameters, resolve_rule, score, score_path, task_loss,
+    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, score, task_loss,
 )
-from maml_func.batching import map_tasks
-from maml_func.core import MetaParams, Params, forward, params_and_buffers
+from maml_func.core import MetaParams, Params, forward
 from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
@@ -49,7 +47,7 @@ _DEFAULT_INNER_LR = 0.1
 
 
 @dataclass(frozen=True, eq=False)
-class Reptile:
+class Reptile(PlainRuleAlgorithm):
     """Reptile (Nichol et al. 2018), batched over tasks with ``vmap``.
 
     Args:
@@ -100,24 +98,7 @@ class Reptile:
                        expect="a positive int or None")
         checks.integer(name, "seed", self.seed, minimum=0, maximum=2**31 - 1, expect="an int in [0, 2**31)")
         check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
-        rule, inner_lr = resolve_rule(name, self.rule, self.inner_lr, _DEFAULT_INNER_LR)
-        learned = rule.init(dict(self.model.named_parameters()), self.inner_steps)
-        if learned:
-            raise ValueError(f"{name}: the inner rule has meta-learned parameters ({sorted(learned)[:3]}...), "
-                             "which Reptile cannot train (its update has no gradient for them); "
-                             "use sgd(lr), or MAML with this rule")
-        object.__setattr__(self, "_rule", rule)
-        object.__setattr__(self, "inner_lr", inner_lr)
-
-    # ----------------------------------------------------------------- set-up
-    def init(self) -> MetaParams:
-        """Fresh meta-parameters ``{"model": Params, "rule": {}}``."""
-        params, _ = params_and_buffers(self.model)
-        return {"model": params, "rule": {}}
-
-    def parameters(self, meta: MetaParams) -> list[Tensor]:
-        """Every meta-learned tensor, for an optimizer."""
-        return meta_parameters(meta)
+        self._set_rule(_DEFAULT_INNER_LR, "Reptile cannot train (its update has no gradient for them)")
 
     # -------------------------------------------------------------- one task
     def _steps(self, steps: int | None) -> int:
@@ -193,7 +174,7 @@ class Reptile:
             metrics["distance"] = 0.5 * sum((meta["model"][k] - adapted[k]).square().sum() for k in adapted)
             return metrics
 
-        metrics = self._map(fn, meta, batch)
+        metrics = map_algorithm(self, fn, meta, batch)
         return metrics["distance"].mean(), metrics
 
     def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
@@ -206,11 +187,4 @@ class Reptile:
         steps = self._steps(steps)
         order = self._order(batch.x_support.shape[1], steps, 0)
 
-        def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-            return score_path(self.model, self._trajectory(meta, xs, ys, steps, order), xq, yq, self.loss)
-
-        return self._map(fn, meta, batch)
-
-    def _map(self, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
-        return map_tasks(fn, meta, batch, chunk_size=self.chunk_size, vectorize=self.vectorize,
-                         caller=type(self).__name__)
+        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self._trajectory(meta, xs, ys, steps, order))

@@ -24,6 +24,8 @@ from maml_func.atomic import atomic_write
 from maml_func.data.classes import ImageClasses
 
 CACHE_FORMAT = 1
+#: The three splits every benchmark loader returns, in this order.
+SPLITS = ("train", "val", "test")
 
 # Modes whose pixels carry no colour; everything else (RGB, RGBA, P, CMYK, ...) is colour.
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -106,3 +108,59 @@ def _cache_problem(payload: Any) -> str | None:
     if counts.numel() and (int(counts.min()) < 1 or int(counts.max()) > images.shape[1]):
         return "counts out of range"
     return None
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """``[N, C, H, W]`` uint8 -> ``[N, C, size, size]`` uint8, resized with LANCZOS like :func:`decode_image`.
+
+    Images already ``size × size`` are returned as they are.
+    """
+    if images.shape[-2:] == (size, size):
+        return images
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        pixels = image.permute(1, 2, 0).contiguous().numpy()
+        im = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels, mode=mode)
+        resized = im.resize((size, size), Image.Resampling.LANCZOS)
+        out[i] = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(size, size, -1).permute(2, 0, 1)
+    return out
+
+
+def stack_classes(names: list[str], images: list[Tensor]) -> ImageClasses:
+    """One :class:`ImageClasses` from per-class ``[n_i, C, H, W]`` uint8 stacks, padded to the largest class."""
+    counts = [len(x) for x in images]
+    padded = torch.zeros(len(images), max(counts), *images[0].shape[1:], dtype=torch.uint8)
+    for i, x in enumerate(images):
+        padded[i, :len(x)] = x
+    return ImageClasses(padded, torch.tensor(counts, dtype=torch.int64), list(names))
+
+
+def cached_splits(root: Path, dataset: str, image_size: int,
+                  meta: dict[str, Any]) -> tuple[dict[str, ImageClasses] | None, list[str]]:
+    """The three splits cached in ``root`` (``<dataset>_<split>_<image_size>px.pt``), or ``None`` and what is damaged.
+
+    Every split must be cached for ``meta`` (plus its own name); one missing or
+    damaged split means all three are rebuilt.
+    """
+    splits: dict[str, ImageClasses] = {}
+    damage: list[str] = []
+    for split in SPLITS:
+        path = split_cache(root, dataset, split, image_size)
+        classes, problem = inspect_cache(path, {**meta, "split": split})
+        if problem is not None:
+            damage.append(f"the cache {path} is {problem}")
+        if classes is not None:
+            splits[split] = classes
+    return (splits if len(splits) == len(SPLITS) else None), damage
+
+
+def write_splits(root: Path, dataset: str, image_size: int, meta: dict[str, Any],
+                 splits: dict[str, ImageClasses]) -> None:
+    """Cache each split for :func:`cached_splits`."""
+    for split in SPLITS:
+        write_cache(split_cache(root, dataset, split, image_size), splits[split], {**meta, "split": split})
+
+
+def split_cache(root: Path, dataset: str, split: str, image_size: int) -> Path:
+    return root / f"{dataset}_{split}_{image_size}px.pt"

@@ -42,12 +42,10 @@ version, from sorted names so that the storage order does not matter):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import urllib.error
 import warnings
 import zipfile
 from pathlib import Path
@@ -56,6 +54,8 @@ import torch
 
 from maml_func import checks
 from maml_func.atomic import atomic_write
+from maml_func.data._files import existing_folder, fetch
+from maml_func.data._files import md5 as _md5
 from maml_func.data._io import decode_image, inspect_cache, write_cache
 from maml_func.data.classes import ImageClasses
 
@@ -70,6 +70,7 @@ MD5 = {
 _LAYOUT = {"images_background": (30, 964), "images_evaluation": (20, 659)}
 _DRAWINGS = 20
 _TRUSTED = "omniglot_trusted.json"
+_HOLDS = "images_background.zip and images_evaluation.zip (or their extracted folders)"
 
 MAML_TRAIN, MAML_VAL = 1200, 100
 LAKE_VAL = 100
@@ -103,7 +104,7 @@ def download_omniglot(root: str | Path, *, source: str | Path | None = None) -> 
     """
     root = Path(root).expanduser()
     if source is not None:
-        src = _existing_folder(source, "download_omniglot", "source")
+        src = existing_folder(source, "download_omniglot", "source", _HOLDS)
         root.mkdir(parents=True, exist_ok=True)
         for part in _LAYOUT:
             location = _find_part(src, part)
@@ -164,7 +165,7 @@ def load_omniglot(
         return cached
 
     if source is not None:
-        folder = _existing_folder(source, "load_omniglot", "source")
+        folder = existing_folder(source, "load_omniglot", "source", _HOLDS)
     else:
         folder = root
         if any(_find_part(root, part) is None for part in _LAYOUT):
@@ -227,14 +228,6 @@ def omniglot_splits(classes: ImageClasses, split: str = "maml", seed: int = 0) -
     return {name: classes.subset(sorted(rows)) for name, rows in (("train", train), ("val", val), ("test", test))}
 
 
-def _existing_folder(path: str | Path, fn: str, arg: str) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{fn}: {arg} {folder} is not a folder; pass the folder that holds "
-                                "images_background.zip and images_evaluation.zip (or their extracted folders)")
-    return folder
-
-
 def _find_part(folder: Path, part: str) -> Path | None:
     """``folder/part.zip`` if it exists, else the extracted ``folder/part/``, else ``None``."""
     for candidate in (folder / f"{part}.zip", folder / part):
@@ -294,14 +287,6 @@ def _decode(parts: list[tuple[Path, _Characters]], image_size: int) -> ImageClas
     return ImageClasses(images, torch.full((n_classes,), _DRAWINGS, dtype=torch.int64), names)
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _trusted(root: Path) -> dict[str, str]:
     try:
         record = json.loads((root / _TRUSTED).read_text())
@@ -322,23 +307,10 @@ def _check_md5(archive: Path, root: Path, fn: str) -> None:
 
 
 def _download(part: str, root: Path) -> None:
-    # torchvision's utilities fetch and check; the file reaches root only once its md5 matches, so a failed
-    # or corrupted download never leaves anything behind.
-    from torchvision.datasets.utils import check_integrity, download_url
-
+    # The file reaches root only once its md5 matches, so a failed or corrupted download never leaves anything.
     filename = f"{part}.zip"
-    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        try:
-            download_url(URL + filename, tmp, filename=filename)
-        except (urllib.error.URLError, OSError) as exc:
-            raise ConnectionError(f"download_omniglot: could not download {URL + filename} ({checks.brief(exc)}); without "
-                                  "internet, pass source=<folder holding images_background.zip and "
-                                  "images_evaluation.zip>") from exc
-        fetched = Path(tmp) / filename
-        if not check_integrity(str(fetched), MD5[part]):
-            raise ValueError(f"download_omniglot: the download of {URL + filename} does not match its md5 "
-                             f"{MD5[part]} (interrupted or altered); it was discarded, try again")
-        os.replace(fetched, root / filename)
+    fetch(URL + filename, MD5[part], root, filename, "download_omniglot",
+          "without internet, pass source=<folder holding images_background.zip and images_evaluation.zip>")
 
 
 def _copy_into(location: Path, dest: Path, root: Path) -> None:
