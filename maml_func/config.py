@@ -276,8 +276,11 @@ class TrainConfig:
                              f"directory; pass a named dataset ({', '.join(named)}) or the path of an ImageFolder "
                              "tree (one sub-folder per class)")
         if self.source is not None and not Path(self.source).expanduser().exists():
+            from maml_func.data import SOURCE_FILES
+
             held = ("images_background.zip and images_evaluation.zip (or an extracted copy)"
-                    if self.dataset == "omniglot" else f"the {self.dataset} release files (see maml_func.data)")
+                    if self.dataset == "omniglot"
+                    else SOURCE_FILES.get(self.dataset, "the dataset's release files (see maml_func.data)"))
             raise ValueError(f"TrainConfig: source {self.source!r} does not exist; pass the folder holding {held}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,7 +90,7 @@ PUBLISHED: dict[str, tuple[str, str]] = {
     "omniglot-20w5s": ("98.9 ± 0.2", "Finn et al. 2017, Table 1"),
     "miniimagenet-5w1s": ("48.70 ± 1.84", "Finn et al. 2017, Table 2"),
     "miniimagenet-5w5s": ("63.11 ± 0.92", "Finn et al. 2017, Table 2"),
-    "tieredimagenet-5w1s": ("51.67 ± 1.81", "Liu et al. 2019 (TPN)"),
+    "tieredimagenet-5w1s": ("51.67 ± 1.81", "Liu et al. 2019 (TPN), Tables 2 and 8"),
     "cifarfs-5w1s": ("58.9 ± 1.9", "Bertinetto et al. 2019 (R2-D2)"),
     "fc100-5w1s": ("38.1 ± 1.7", "Sun et al. 2019 (MTL)"),
     "cub-5w1s": ("54.73 ± 0.97", "Chen et al. 2019 (A Closer Look), Conv-4"),

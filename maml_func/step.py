@@ -23,7 +23,7 @@ from maml_func.distributed import all_reduce_mean, gather_tasks
 from maml_func.state import TrainState
 from maml_func.tasks import TaskBatch
 
-__all__ = ["NonFiniteLossError", "meta_gradient", "meta_lr_at", "train_step"]
+__all__ = ["MetaStepOutOfMemory", "NonFiniteLossError", "is_out_of_memory", "meta_gradient", "meta_lr_at", "train_step"]
 
 Metrics = dict[str, Tensor]
 

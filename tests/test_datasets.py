@@ -545,7 +545,8 @@ def test_train_resnet12_from_the_command_line(mini_release: dict[str, Path], tmp
                                               capsys: pytest.CaptureFixture) -> None:
     flags = ["train", "--preset", "miniimagenet-5w1s", "--source", str(mini_release["pickles"]), "--data-root",
              str(tmp_path / "data"), "--image-size", "16", "--iterations", "1", "--meta-batch", "2", "--val-tasks",
-             "2", "--inner-steps", "1", "--eval-inner-steps", "1", "--device", "cpu", "--no-progress", "--save-to", str(tmp_path / "run")]
+             "2", "--inner-steps", "1", "--eval-inner-steps", "1", "--device", "cpu", "--no-progress", "--save-to",
+             str(tmp_path / "run")]
     code, _, err = run([*flags, "--model", "resnet13"], capsys)
     assert code == 2 and "model must be one of ['conv4', 'resnet12'], got 'resnet13'" in err
     code, _, err = run([*flags, "--model", "resnet12", "--model-option", "widths=[4, 4, 8, 8]"], capsys)

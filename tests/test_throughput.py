@@ -181,3 +181,28 @@ def test_memory_benchmark_smoke_run(tmp_path):
     summary = lines[-1]
     assert summary["kind"] == "summary" and summary["reference_steps"] == summary["largest_steps"] == 2
     assert summary["adjoint_time_vs_unroll"] > 0 and summary["unroll_rise_ratio"] == 1.0
+
+
+def test_time_to_accuracy_smoke_run(tmp_path):
+    """benchmarks/time_to_accuracy.py: each algorithm trains in turn, its curve, iterations and test accuracy land in
+    the JSON lines (written as each one ends) and the plot is a PNG."""
+    from test_train import make_glyph_folder
+
+    folder = make_glyph_folder(tmp_path / "glyphs", n_classes=40, per_class=10, size=20, seed=2)
+    out, png = tmp_path / "tta.jsonl", tmp_path / "tta.png"
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "time_to_accuracy.py"), "--quick", "--algorithms",
+                           "maml,mamlpp", "--dataset", str(folder), "--data-root", str(tmp_path / "cache"), "--json",
+                           str(out), "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["kind"] == "setup" and lines[0]["torch"] == torch.__version__
+    rows = lines[1:]
+    assert [r["algorithm"] for r in rows] == ["maml", "mamlpp"]
+    assert rows[1]["config"]["algorithm"] == "mamlpp" and rows[1]["config"]["inner_steps"] == 5
+    for r in rows:
+        assert r["iterations"] >= 1 and r["it_per_s"] > 0 and r["curve"], r
+        assert [p["iteration"] for p in r["curve"]] == sorted(p["iteration"] for p in r["curve"])
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_ci95"] >= 0 and r["test_steps"] == r["config"][
+            "eval_inner_steps"]
+        assert f"{r['algorithm']:8} {r['iterations']:6d} iterations" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
