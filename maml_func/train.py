@@ -9,7 +9,7 @@ maybe log / validate / save, maybe stop}. The run directory
 
 One stop rule ends a run early: a signal (SIGINT/SIGTERM: the iteration
 finishes, ``last.pt`` is saved, :class:`TrainingInterrupted` is raised) or the
-time limit (``max_minutes``: saved, ``stopped="time_limit"``). Under
+time limit (``max_minutes``: validated, saved, ``stopped="time_limit"``). Under
 ``torch.distributed`` the ranks agree on it with a collective before anyone
 acts, so they stop at the same iteration; only rank 0 writes files.
 """
@@ -212,7 +212,11 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
         except NonFiniteLossError as err:
             raise run.non_finite(err) from None
 
+    validated = -1  # the iteration of the last validation
+
     def validate() -> str:
+        nonlocal validated
+        validated = state.iteration
         began = time.monotonic()
         accuracy = run.validate(state, began - t0, began - t0 - window.paused)
         window.pause(time.monotonic() - began)
@@ -259,6 +263,8 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
                 received, out_of_time = agree([received, out_of_time])
             if received or out_of_time:
                 settle()
+                if out_of_time and not received and validated != state.iteration:
+                    val_text = validate()  # the time limit is the run's end: best.pt may be its last iteration
                 checkpoint = run.save_last(state)
                 run.files.plot()
                 if out_of_time and not received:

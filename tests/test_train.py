@@ -347,6 +347,9 @@ def test_time_limit_stops_with_a_checkpoint(glyphs: Path, tmp_path: Path) -> Non
     result = fit(tiny(glyphs, tmp_path / "run", max_minutes=1e-9, val_every=0), progress=False)
     assert result.stopped == "time_limit" and result.iteration == 1
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 1
+    # The time limit is the run's end: its last iteration is validated, and best.pt can be it.
+    assert [r["iteration"] for r in result.history if r["kind"] == "val"] == [1]
+    assert result.best_iteration == 1 and load_checkpoint(tmp_path / "run" / "best.pt")["iteration"] == 1
 
 
 def test_fit_without_save_to_writes_nothing(glyphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
