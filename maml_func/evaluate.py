@@ -16,6 +16,8 @@ on identical tasks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -111,7 +113,8 @@ def evaluate(
     """Evaluate meta-parameters on ``num_tasks`` tasks from ``sampler``.
 
     Works on any meta-parameters, trained or fresh from ``algorithm.init()``
-    (the baseline to compare against). Runs under ``torch.no_grad()``; the
+    (the baseline to compare against). Runs under ``torch.no_grad()`` with the
+    network in ``eval()`` mode (DropBlock off; each module's mode restored after); the
     inner ``torch.func.grad`` adaptation still runs there.
 
     Args:
@@ -159,8 +162,9 @@ def evaluate(
     accuracies: list[Tensor] = []
     losses: list[Tensor] = []
     shape: tuple[int, int, int] | None = None
-    with torch.no_grad(), tqdm(total=share, disable=not (progress and me.is_main), unit="task", desc="evaluate",
-                               dynamic_ncols=True) as bar:
+    with torch.no_grad(), _eval_mode(getattr(algorithm, "model", None)), \
+            tqdm(total=share, disable=not (progress and me.is_main), unit="task", desc="evaluate",
+                 dynamic_ncols=True) as bar:
         for start in range(0, share, batch_size):
             batch = sampler.sample(min(batch_size, share - start), generator)
             if shape is None:
@@ -190,6 +194,20 @@ def evaluate(
         ci95=ci.tolist(),
         loss=loss.mean(dim=0).tolist(),
     )
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """The network in ``eval()`` mode (DropBlock and dropout off) for the evaluation, each module's mode restored
+    after. TaskBatchNorm normalizes by batch statistics in either mode, so nothing else changes."""
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _sampler_device(sampler: _Sampler) -> torch.device:

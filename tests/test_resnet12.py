@@ -11,6 +11,7 @@ from torch.func import functional_call, vmap
 from maml_func import MAML, build
 from maml_func.config import make_config
 from maml_func.data import ImageClasses
+from maml_func.evaluate import evaluate
 from maml_func.models import DropBlock, ResNet12, build_model
 from maml_func.reference import loop_meta_grad
 from maml_func.runs import build_algorithm
@@ -74,6 +75,24 @@ def test_dropblock_is_off_by_default_and_explicit_when_on() -> None:
     with pytest.raises(RuntimeError, match="randomness"):
         vmap(lambda y: dropping(y))(x[None])
     assert vmap(lambda y: dropping(y), randomness="different")(x[None]).shape == (1, 2, 5)
+
+
+def test_evaluation_turns_dropblock_off_and_restores_the_mode() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = (255 * torch.rand(6, 4, 3, 16, 16, generator=g)).to(torch.uint8)
+    sampler = EpisodeSampler(ImageClasses(images, torch.full((6,), 4), [f"c{i}" for i in range(6)]), n_way=3,
+                             k_shot=1, n_query=2)
+    torch.manual_seed(0)
+    dropping = ResNet12(n_way=3, in_channels=3, image_size=16, widths=WIDTHS, drop_rate=0.5, dropblock_size=2)
+    plain = ResNet12(n_way=3, in_channels=3, image_size=16, widths=WIDTHS)
+    plain.load_state_dict(dropping.state_dict())
+    meta = MAML(dropping, inner_lr=0.1).init()
+    state = torch.get_rng_state()
+    # Vectorized (no random op may run under vmap) and equal to the network without DropBlock, draw for draw.
+    got = evaluate(MAML(dropping, inner_lr=0.1), meta, sampler, num_tasks=6, steps=2, batch_size=3, seed=4)
+    want = evaluate(MAML(plain, inner_lr=0.1), meta, sampler, num_tasks=6, steps=2, batch_size=3, seed=4)
+    assert got == want and torch.equal(state, torch.get_rng_state())
+    assert all(m.training for m in dropping.modules())  # training mode is back for the next meta-iteration
 
 
 # ---------------------------------------------------------------- augmentation

@@ -202,6 +202,7 @@ def test_time_to_accuracy_smoke_run(tmp_path):
     for r in rows:
         assert r["iterations"] >= 1 and r["it_per_s"] > 0 and r["curve"], r
         assert [p["iteration"] for p in r["curve"]] == sorted(p["iteration"] for p in r["curve"])
+        assert r["curve"][-1]["iteration"] == r["iterations"]  # the time limit validates the last iteration
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_ci95"] >= 0 and r["test_steps"] == r["config"][
             "eval_inner_steps"]
         assert f"{r['algorithm']:8} {r['iterations']:6d} iterations" in done.stdout
