@@ -212,7 +212,8 @@ class TrainConfig:
     iterations: int = option(2000, "meta-updates in total (a resumed run continues up to it)",
                              group="Optimization", check=_int(1), resumable=True, metavar="N")
     max_minutes: float | None = option(None, "stop after this many minutes of wall time, validating the last "
-                                       "iteration and saving a checkpoint to resume from", group="Optimization", resumable=True, metavar="MIN",
+                                       "iteration and saving a checkpoint to resume from", group="Optimization",
+                                       resumable=True, metavar="MIN",
                                        check=_positive(none_ok=True, expect="a positive number of minutes or None"))
     seed: int = option(0, "seeds the model initialization and the training tasks", group="Optimization",
                        check=_int(0), metavar="N")
