@@ -212,11 +212,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
         except NonFiniteLossError as err:
             raise run.non_finite(err) from None
 
-    validated = -1  # the iteration of the last validation
-
     def validate() -> str:
-        nonlocal validated
-        validated = state.iteration
         began = time.monotonic()
         accuracy = run.validate(state, began - t0, began - t0 - window.paused)
         window.pause(time.monotonic() - began)
@@ -263,7 +259,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
                 received, out_of_time = agree([received, out_of_time])
             if received or out_of_time:
                 settle()
-                if out_of_time and not received and validated != state.iteration:
+                if out_of_time and not received and not due(config.val_every):
                     val_text = validate()  # the time limit is the run's end: best.pt may be its last iteration
                 checkpoint = run.save_last(state)
                 run.files.plot()
