@@ -19,12 +19,14 @@ from maml_func.batching import map_tasks
 from maml_func.state import Checkpoint, TrainState
 from maml_func.step import meta_gradient, train_step
 from maml_func.train import TrainResult, evaluate_run, fit, load_run
+from maml_func.callbacks import Callback
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Callback",
     "Checkpoint",
     "MAML",
     "MLP",

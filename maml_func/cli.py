@@ -41,19 +41,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _option_value(text: str) -> Any:
-    """An ``--algorithm-option`` value: JSON when it parses (numbers, true, null), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _key_value(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, str]:
+    """A ``--model-option`` / ``--algorithm-option`` pair; the config reads the value as its parameter's type."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), _option_value(value)
+    return key.replace("-", "_"), value
 
 
 def _or_none(parse: Any) -> Any:
@@ -127,10 +120,14 @@ def _build_parser() -> _Parser:
 
     train = _command(
         commands, "train", "meta-train on Omniglot or an ImageFolder tree",
-        "Meta-train a Conv4 with MAML (or another algorithm) and write last.pt, best.pt, metrics.jsonl and "
-        "learning_curve.png to the run directory.",
+        "Meta-train a Conv4 (or ResNet-12, or your own network named by import path) with MAML (or another "
+        "algorithm) and write last.pt, best.pt, metrics.jsonl and learning_curve.png to the run directory. "
+        "--model-option and --algorithm-option values are read as the type of the parameter they set (pool=false "
+        "is False).",
         ["maml-func train --preset omniglot-5w1s --iterations 3000 --save-to runs/5w1s",
          "maml-func train --dataset path/to/folders --n-way 5 --k-shot 1 --image-size 32",
+         "maml-func train --dataset path/to/folders --channels 3 --model torchvision.models:resnet18 "
+         "--model-option num_classes=5",
          "maml-func train --resume runs/5w1s --iterations 6000"], argument_default=argparse.SUPPRESS)
     _add_config_flags(train)
     train.add_argument("--resume", metavar="RUN_OR_CKPT",
