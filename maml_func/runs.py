@@ -169,7 +169,8 @@ def build_algorithm(config: TrainConfig, *, in_channels: int | None = None,
     except TypeError as err:
         raise ValueError(f"build_algorithm: algorithm {config.algorithm!r} does not accept these options "
                          f"({err}); remove them from the config") from None
-    return model, algorithm
+    # The network the algorithm runs: the model itself, or its copy in exact form (maml_func.normalization).
+    return algorithm.model, algorithm
 
 
 def load_splits(config: TrainConfig) -> dict[str, Any]:

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from test_core import TOL, classification_batch, rel_err
+from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
-from maml_func import MAML, UnsupportedModelError, build, exact_model, meta_sgd
+from maml_func import MAML, UnsupportedModelError, build, evaluate_run, exact_model, fit, meta_sgd
 from maml_func.algorithms.base import merge_buffers
 from maml_func.normalization import TaskBatchNorm, TaskLayerNorm
 from maml_func.reference import loop_meta_loss
@@ -253,3 +254,24 @@ def test_dropout_trains_vectorized_with_a_draw_per_task_and_repeats_under_a_seed
     model.eval()
     evaluated = [algo.evaluate(meta, batch)["loss"] for _ in range(2)]
     assert torch.equal(*evaluated)
+
+
+def test_a_users_model_with_running_statistics_and_dropout_repeats_and_resumes_bit_for_bit(glyphs, tmp_path):
+    """fit(model=...): the same seed gives the same run twice; a resumed run is the same run; evaluation repeats."""
+
+    def net() -> nn.Module:
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Conv2d(1, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.3),
+                             nn.Flatten(), nn.Linear(6 * 8 * 8, 3))
+
+    config = tiny(glyphs, tmp_path / "a", batch_norm="running", rotations=False)
+    whole = fit(config, model=net(), progress=False)
+    again = fit(config.replace(save_to=str(tmp_path / "b")), model=net(), progress=False)
+    assert_same_meta(whole.meta, again.meta)
+    assert not torch.equal(whole.meta["buffers"]["1.running_mean"], torch.zeros(6))
+    assert int(whole.meta["buffers"]["1.num_batches_tracked"]) == 6 * 2  # a support and a query forward each
+    fit(config.replace(save_to=str(tmp_path / "c"), iterations=4), model=net(), progress=False)
+    resumed = fit(config.replace(save_to=str(tmp_path / "c")), model=net(), resume=tmp_path / "c", progress=False)
+    assert_same_meta(resumed.meta, whole.meta)
+    first, second = (evaluate_run(tmp_path / "a", model=net(), num_tasks=6, batch_size=3) for _ in range(2))
+    assert first == second
