@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from maml_func import checks
-from maml_func.options import IMPORT_FORM, import_object, is_import_path, parameters, typed_options
+from maml_func.options import IMPORT_FORM, import_object, is_import_path, parameters, returns, typed_options
 from maml_func.presets import PRESETS
 
 __all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "is_object_model", "load_config_file",
@@ -369,7 +369,26 @@ def _typed_model_options(model: str, options: Mapping[str, Any]) -> dict[str, An
         accepted, _ = parameters(network)
         reserved = {key: name for key, name in _MODEL_FIELDS.items() if key in accepted}
         return typed_options(_WHERE, "model_options", network.__name__, network, options, reserved=reserved)
-    return typed_options(_WHERE, "model_options", model, import_object(model, _WHERE, "model"), options)
+    return typed_options(_WHERE, "model_options", model, _network_factory(model), options)
+
+
+def _network_factory(path: str) -> Callable[..., Any]:
+    """The factory an import path names, if it declares that it makes a network.
+
+    A checkpoint's config names code that ``maml-func eval`` and ``--resume``
+    run: only an ``nn.Module`` class, or a function annotated to return one,
+    is called, never any other function a crafted checkpoint could name.
+    """
+    from torch import nn
+
+    factory = import_object(path, _WHERE, "model")
+    made = returns(factory)
+    if not (isinstance(made, type) and issubclass(made, nn.Module)):
+        name = path.rpartition(":")[2].rpartition(".")[2]
+        raise ValueError(f"{_WHERE}: model {path!r} is neither an nn.Module class nor a function annotated to "
+                         f"return one; annotate the factory (def {name}(...) -> nn.Module): a config or checkpoint "
+                         "names the code that builds the network, so only a declared network factory is called")
+    return factory
 
 
 def describe_default(value: Any) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 
 from maml_func import checks
 
-__all__ = ["IMPORT_FORM", "import_object", "is_import_path", "literal", "typed_options"]
+__all__ = ["IMPORT_FORM", "import_object", "is_import_path", "literal", "parameters", "returns", "typed_options"]
 
 #: The form of an import path, as the errors show it.
 IMPORT_FORM = "package.module:factory (e.g. torchvision.models:resnet18)"
@@ -170,6 +170,18 @@ def _parameters(factory: Callable[..., Any], skip: int) -> tuple[dict[str, Kinds
             found[p.name] = kinds if kinds is not None else (
                 _kinds_of_default(p.default) if p.default is not p.empty else None)
     return found, open_, _resolve(signature.return_annotation, namespace)
+
+
+def returns(factory: Callable[..., Any]) -> Any:
+    """What ``factory`` makes: a class itself, else its resolved return annotation (``None`` without one)."""
+    if isinstance(factory, type):
+        return factory
+    try:
+        annotation = inspect.signature(factory).return_annotation
+    except (TypeError, ValueError):
+        return None
+    resolved = _resolve(annotation, _globals_of(inspect.unwrap(factory)))
+    return None if resolved is inspect.Signature.empty else resolved
 
 
 def parameters(factory: Callable[..., Any], *, skip: int = 0, closed_by_return: bool = False

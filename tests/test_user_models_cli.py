@@ -8,12 +8,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from maml_func.checkpoint import load_checkpoint
+from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import TrainConfig, make_config
 from maml_func.normalization import BATCH_NORM_POLICIES
 from maml_func.runs import build_algorithm, build_network
@@ -132,7 +133,8 @@ def test_batch_norm_policy_reaches_the_algorithm_only_when_not_the_default(monke
     import maml_func.runs
 
     seen: list[dict] = []
-    monkeypatch.setattr(maml_func.runs, "build", lambda name, model, **options: seen.append(options))
+    monkeypatch.setattr(maml_func.runs, "build",
+                        lambda name, model, **options: seen.append(options) or SimpleNamespace(model=model))
     build_algorithm(TrainConfig())
     build_algorithm(TrainConfig(batch_norm="running"))
     assert "batch_norm" not in seen[0] and seen[1]["batch_norm"] == "running"
@@ -143,7 +145,8 @@ def test_batch_norm_policy_reaches_the_algorithm_only_when_not_the_default(monke
 
 
 # ------------------------------------------------------- import-path models
-def test_import_path_model_trains_then_eval_rebuilds_it(folder: Path, tmp_path: Path) -> None:
+def test_import_path_model_trains_then_eval_and_resume_rebuild_it(folder: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     done = maml_func_command("train", *tiny_flags(folder, tmp_path), "--model", SMALL_CNN, "--model-option",
                              "n_way=3", "--model-option", "hidden=8", "--iterations", "2", "--val-every", "0",
@@ -156,6 +159,20 @@ def test_import_path_model_trains_then_eval_rebuilds_it(folder: Path, tmp_path: 
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert SUMMARY.match(lines[0]) and lines[0].startswith("3-way 1-shot:") and "(4 tasks, 3 steps)" in lines[0]
+
+    # --resume rebuilds it too (here in this process, where tests/ is on sys.path).
+    code, _, err = run(["train", "--resume", str(run_dir), "--iterations", "3"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 3
+
+    # A checkpoint names the code that builds its network: one that names any other function is refused unrun.
+    state = load_checkpoint(run_dir / "last.pt")
+    state["config"].update(model="os:system", model_options={"command": f"touch {tmp_path / 'ran'}"})
+    save_checkpoint(state, tmp_path / "crafted.pt")
+    code, out, err = run(["eval", "--checkpoint", str(tmp_path / "crafted.pt")], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "model 'os:system' is neither an nn.Module class nor a function annotated to return one" in err
+    assert not (tmp_path / "ran").exists()
 
 
 def test_output_size_that_is_not_n_way_is_refused_with_the_fix(folder: Path, tmp_path: Path,
@@ -170,7 +187,11 @@ def test_output_size_that_is_not_n_way_is_refused_with_the_fix(folder: Path, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_a_factory_that_returns_no_module_is_named(folder: Path, tmp_path: Path) -> None:
+def test_only_a_declared_network_factory_is_called(folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model '_user_models:unannotated' is neither an nn.Module class nor a "
+                                         r"function annotated to return one; annotate the factory \(def "
+                                         r"unannotated\(...\) -> nn.Module\)"):
+        TrainConfig(model="_user_models:unannotated")
     with pytest.raises(ValueError, match=r"the model factory call _user_models:not_a_network\(size=2\) returned a "
                                          r"list, not an nn.Module"):
         build_network(TrainConfig(model="_user_models:not_a_network", model_options={"size": "2"}))
