@@ -203,9 +203,10 @@ class TrainConfig:
     augment: bool = option(False, "augment the meta-training tasks' images on the device: random crop with "
                            "padding and horizontal flip, per task and image", group="Tasks", check=checks.flag)
     model: str = option("conv4", "the network: conv4 (the MAML paper's), resnet12 (MetaOptNet's), or your own as "
-                        "an import path package.module:factory, called with the model options only and recorded "
-                        "in the checkpoint so that eval rebuilds it (e.g. torchvision.models:resnet18 with "
-                        "--model-option num_classes=5); its output size must be n_way", group="Model",
+                        "an import path package.module:factory (an nn.Module class, or a function annotated to "
+                        "return one), called with the model options only and recorded in the checkpoint so that "
+                        "eval rebuilds it (e.g. torchvision.models:resnet18 with --model-option num_classes=5); "
+                        "its output size must be n_way", group="Model",
                         check=_model, metavar="NAME|MODULE:FACTORY")
     model_options: dict[str, Any] = option(help="keyword arguments for the model, each read as the type of the "
                                            "parameter it sets (on the command line: --model-option KEY=VALUE, "

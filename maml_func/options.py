@@ -151,13 +151,12 @@ def _kinds_of_default(default: Any) -> Kinds | None:
     return frozenset({kind}) if kind is not None and default is not None else None
 
 
-def _parameters(factory: Callable[..., Any], skip: int) -> tuple[dict[str, Kinds | None], bool, Any]:
-    """``factory``'s keyword parameters (past the first ``skip``) with their kinds; whether it takes
-    ``**kwargs``; its return annotation."""
+def _parameters(factory: Callable[..., Any], skip: int) -> tuple[dict[str, Kinds | None], bool]:
+    """``factory``'s keyword parameters (past the first ``skip``) with their kinds; whether it takes ``**kwargs``."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
-        return {}, True, None
+        return {}, True
     namespace = _globals_of(inspect.unwrap(factory) if not isinstance(factory, type) else factory)
     found: dict[str, Kinds | None] = {}
     open_ = False
@@ -169,7 +168,7 @@ def _parameters(factory: Callable[..., Any], skip: int) -> tuple[dict[str, Kinds
             kinds = _kinds(annotation) if annotation is not p.empty else None
             found[p.name] = kinds if kinds is not None else (
                 _kinds_of_default(p.default) if p.default is not p.empty else None)
-    return found, open_, _resolve(signature.return_annotation, namespace)
+    return found, open_
 
 
 def returns(factory: Callable[..., Any]) -> Any:
@@ -194,9 +193,10 @@ def parameters(factory: Callable[..., Any], *, skip: int = 0, closed_by_return: 
     algorithms, which do pass them on) the class's parameters are also the only
     other keys accepted.
     """
-    found, open_, returns = _parameters(factory, skip)
-    if open_ and isinstance(returns, type) and not isinstance(factory, type):
-        passed_on, still_open, _ = _parameters(returns, skip)
+    found, open_ = _parameters(factory, skip)
+    made = returns(factory)
+    if open_ and isinstance(made, type) and made is not factory:
+        passed_on, still_open = _parameters(made, skip)
         found = {**passed_on, **found}
         open_ = still_open or not closed_by_return
     return found, open_
