@@ -202,6 +202,7 @@ def _offline_hint(dataset: str) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from maml_func.config import make_config
+    from maml_func.runs import check_buildable
     from maml_func.state import Checkpoint
     from maml_func.train import check_run_directory
 
@@ -217,6 +218,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.save_to is None:
             config = config.replace(save_to=_default_run_dir(config))
         config.check_paths()
+        check_buildable(config, None, "fit")
         check_run_directory(config, resume)
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(prog, str(err))
@@ -302,7 +304,7 @@ def _describe(config: Any) -> str:
     return (f"{config.algorithm} on {config.dataset}, {config.n_way}-way {config.k_shot}-shot ({config.n_query} "
             f"query), meta-batch {config.meta_batch}, inner {config.inner_steps}x{config.inner_lr} "
             f"(eval {config.eval_inner_steps}), Adam {config.meta_lr}, {config.iterations} iterations, "
-            f"seed {config.seed}, run directory {config.save_to}")
+            f"seed {config.seed}, model {config.model}, run directory {config.save_to}")
 
 
 def _eval(args: argparse.Namespace) -> int:

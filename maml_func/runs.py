@@ -37,8 +37,8 @@ from maml_func.rundir import BEST, LAST
 from maml_func.state import Checkpoint, load_meta
 from maml_func.tasks import EpisodeSampler
 
-__all__ = ["TrainResult", "build_algorithm", "build_network", "check_outputs", "evaluate_run", "load_run",
-           "load_splits", "resolve_device", "task_sampler"]
+__all__ = ["TrainResult", "build_algorithm", "build_network", "check_buildable", "check_outputs",
+           "evaluate_run", "load_run", "load_splits", "resolve_device", "task_sampler"]
 
 
 @dataclass
@@ -90,12 +90,18 @@ def resolve_device(name: str, me: World | None = None) -> torch.device:
     return device
 
 
-def _object_model(name: str, where: str) -> ValueError:
-    """The error for a run whose network was an object given to ``fit``: nothing in the config can rebuild it."""
-    return ValueError(f"{where}: the run used a network object given to fit(model=...) ({name[len('<object '):-1]}), "
-                      "which a checkpoint cannot rebuild; pass model= (a network of the same architecture) to "
-                      "load_run / evaluate_run, or train with an import path (--model package.module:factory, "
-                      "model='package.module:factory' in the config) so that the checkpoint records how to build it")
+def check_buildable(config: TrainConfig, model: nn.Module | None, where: str) -> None:
+    """Refuse, before anything is read, a run whose network was an object given to ``fit`` when none is given again.
+
+    Raises:
+        ValueError: naming the network's class and the two ways out.
+    """
+    if model is None and is_object_model(config.model):
+        raise ValueError(f"{where}: the run used a network object given to fit(model=...) "
+                         f"({config.model[len('<object '):-1]}), which a checkpoint cannot rebuild; pass model= (a "
+                         "network of the same architecture) to fit / load_run / evaluate_run, or train with an "
+                         "import path (--model package.module:factory, model='package.module:factory' in the "
+                         "config) so that the checkpoint records how to build it")
 
 
 def build_network(config: TrainConfig, *, in_channels: int | None = None,
@@ -121,8 +127,7 @@ def build_network(config: TrainConfig, *, in_channels: int | None = None,
         ...                           model_options={"num_classes": 5})).fc.out_features
         5
     """
-    if is_object_model(config.model):
-        raise _object_model(config.model, where)
+    check_buildable(config, None, where)
     if config.model in MODELS:
         channels = in_channels if in_channels is not None else (config.channels or 1)
         return build_model(config.model, n_way=config.n_way, in_channels=channels, image_size=config.image_size,
@@ -272,8 +277,7 @@ def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device 
     """
     saved = _read(checkpoint, "load_run")
     config = TrainConfig.from_dict(saved.config, origin=f"load_run({str(saved.path)!r})")
-    if model is None and is_object_model(config.model):
-        raise _object_model(config.model, "load_run")
+    check_buildable(config, model, "load_run")
     model, algorithm = build_algorithm(config, model=model)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device=device, dtype=getattr(torch, config.dtype))
@@ -330,8 +334,7 @@ def evaluate_run(
         assert saved is not None
         config = TrainConfig.from_dict(saved.config, origin=f"evaluate_run({str(saved.path)!r})")
     config.check_paths()
-    if model is None and is_object_model(config.model):  # before any data is read
-        raise _object_model(config.model, "evaluate_run")
+    check_buildable(config, model, "evaluate_run")  # before any data is read
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     with removed_on_failure(config.data_root):  # a refused evaluation leaves no cache or download behind
         splits = load_splits(config)

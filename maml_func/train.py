@@ -39,8 +39,8 @@ from maml_func.config import PRESETS, TrainConfig, make_config, object_model_nam
 from maml_func.distributed import World, agree, init_distributed, rank_seed
 from maml_func.evaluate import evaluate
 from maml_func.rundir import BEST, LAST, RunDirectory, check_creatable, checkpoint_path, read_history
-from maml_func.runs import (TrainResult, build_algorithm, check_outputs, evaluate_run, load_run, load_splits,
-                            resolve_device, rng_scope, task_sampler)
+from maml_func.runs import (TrainResult, build_algorithm, check_buildable, check_outputs, evaluate_run,
+                            load_run, load_splits, resolve_device, rng_scope, task_sampler)
 from maml_func.state import Checkpoint, TrainState, check_resume
 from maml_func.step import (
     FiniteGuard, MetaStepOutOfMemory, NonFiniteLossError, is_out_of_memory, meta_gradient, meta_lr_at, train_step,
@@ -374,6 +374,7 @@ def fit(
                       DeprecationWarning, stacklevel=2)
         return _with_meta_gradient(meta_gradient_fn, config, resume, progress, model, callbacks)
     config.check_paths()
+    check_buildable(config, model, "fit")
     me = init_distributed() if config.distributed else World()
     if config.meta_batch % me.size:
         raise ValueError(f"fit: meta_batch={config.meta_batch} does not split evenly over {me.size} ranks; "

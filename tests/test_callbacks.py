@@ -109,6 +109,9 @@ def test_a_run_of_a_network_object_loads_back_with_model(folder: Path, tmp_path:
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "evaluate_run: the run used a network object given to fit(model=...)" in err
     assert "--model package.module:factory" in err
+    code, out, err = run(["train", "--resume", str(run_dir), "--iterations", "5", "--no-progress"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1  # refused before the run's summary line
+    assert err.startswith("maml-func train: error: fit: the run used a network object given to fit(model=...)")
 
     # Resuming takes the same network again.
     resumed = fit(tiny(folder, run_dir, val_every=0, iterations=5), model=small_cnn(n_way=3, hidden=8),

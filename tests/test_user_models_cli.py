@@ -152,6 +152,7 @@ def test_import_path_model_trains_then_eval_and_resume_rebuild_it(folder: Path, 
                              "n_way=3", "--model-option", "hidden=8", "--iterations", "2", "--val-every", "0",
                              "--save-to", str(run_dir))
     assert done.returncode == 0, done.stderr
+    assert f"model {SMALL_CNN}, run directory {run_dir}" in done.stderr.splitlines()[0]
     config = load_checkpoint(run_dir / "last.pt")["config"]
     assert (config["model"], config["model_options"]) == (SMALL_CNN, {"n_way": 3, "hidden": 8})
 
