@@ -325,8 +325,11 @@ def fit(
         config: the run (see :class:`~maml_func.config.TrainConfig`, :func:`make_config`).
         model: your network, meta-trained instead of the one ``config.model``
             names (the config gives everything else: algorithm, inner_lr, ...).
-            Moved to the run's device and dtype, like a built one. It must
-            give ``n_way`` logits per image. The run's config records its
+            It must give ``n_way`` logits per image. What runs is ``model``
+            itself, or its copy with normalization layers in exact form where
+            it has some (:func:`~maml_func.normalization.exact_model`); that
+            network moves to the run's device and dtype like a built one and
+            is ``result.model``. The run's config records its
             class, not its code: load the run back with ``load_run(RUN,
             model=...)`` / ``evaluate_run(RUN, model=...)``, and resume it
             with the same ``model=``.
