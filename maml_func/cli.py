@@ -143,7 +143,9 @@ def _build_parser() -> _Parser:
         commands, "eval", "evaluate a checkpoint (or an untrained model) on held-out classes",
         "The standard few-shot protocol: tasks from held-out classes (600 by default), mean query accuracy with a "
         "95%% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
-        "classes; without --checkpoint, evaluates a freshly initialized model (the baseline).",
+        "classes (a network named by import path is rebuilt from it; one given to fit(model=...) is evaluated from "
+        "Python: evaluate_run(RUN, model=...)); without --checkpoint, evaluates a freshly initialized model (the "
+        "baseline).",
         ["maml-func eval --checkpoint runs/5w1s",
          "maml-func eval --checkpoint runs/5w1s/best.pt --tasks 600 --steps 3 --json",
          "maml-func eval --preset omniglot-5w1s           # untrained baseline"], argument_default=argparse.SUPPRESS)
