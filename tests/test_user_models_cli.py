@@ -144,6 +144,20 @@ def test_batch_norm_policy_reaches_the_algorithm_only_when_not_the_default(monke
     assert "--batch-norm POLICY" in out and "batch statistics at meta-train and meta-test, the MAML convention" in out
 
 
+@pytest.mark.parametrize("policy", ["running", "per_step"])
+def test_batch_norm_flag_trains_and_evaluates(policy: str, folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    algorithm = ["--algorithm", "mamlpp", "--inner-steps", "2"] if policy == "per_step" else []
+    code, _, err = run(["train", *tiny_flags(folder, tmp_path), "--batch-norm", policy, *algorithm, "--iterations",
+                        "2", "--val-every", "0", "--save-to", str(run_dir)], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "last.pt")["config"]["batch_norm"] == policy
+    code, out, err = run(["eval", "--checkpoint", str(run_dir), "--tasks", "4", "--no-progress"], capsys)
+    assert code == 0, err
+    assert SUMMARY.match(out.splitlines()[0])
+
+
 # ------------------------------------------------------- import-path models
 def test_import_path_model_trains_then_eval_and_resume_rebuild_it(folder: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
