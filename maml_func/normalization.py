@@ -28,6 +28,14 @@ The BatchNorm policy (``batch_norm=`` of every algorithm; one of
             task's final copy (integer buffers such as ``num_batches_tracked``:
             the largest). In eval mode (validation, ``maml-func eval``) the
             running statistics normalize, support and query alike.
+``per_step``  MAML++ (Antoniou et al. 2019, "per-step batch normalization
+            running statistics"; :class:`~maml_func.MAML` with
+            ``backprop="unroll"``): as ``running``, with one copy of every
+            BatchNorm layer's running statistics per inner step
+            (``meta["buffers"]`` holds them stacked, ``[inner_steps, ...]``):
+            the support forward of inner step ``s`` updates and, in eval mode,
+            uses copy ``s``; the query forward the last copy; evaluation with
+            more steps than were trained the last copy too.
 ==========  ===================================================================
 """
 
@@ -43,10 +51,11 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from maml_func import checks
 
-__all__ = ["BATCH_NORM_POLICIES", "TaskBatchNorm", "TaskInstanceNorm", "TaskLayerNorm", "exact_model"]
+__all__ = ["BATCH_NORM_POLICIES", "TaskBatchNorm", "TaskInstanceNorm", "TaskLayerNorm", "exact_model",
+           "running_statistics", "stack_per_step", "at_step", "with_step"]
 
 #: How BatchNorm layers normalize during meta-training and meta-testing (``batch_norm=`` of every algorithm).
-BATCH_NORM_POLICIES = ("batch", "running")
+BATCH_NORM_POLICIES = ("batch", "running", "per_step")
 
 
 def _affine(normed: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -202,8 +211,8 @@ def exact_model(model: nn.Module, batch_norm: str = "batch") -> nn.Module:
     Args:
         model: any ``nn.Module``; it is not changed.
         batch_norm: one of :data:`BATCH_NORM_POLICIES` (see the module
-            docstring). ``running`` gives BatchNorm layers without running
-            statistics a fresh set.
+            docstring). ``running`` and ``per_step`` give BatchNorm layers
+            without running statistics a fresh set.
 
     Returns:
         ``model`` itself when nothing needs changing, else a copy with the
@@ -238,3 +247,32 @@ def exact_model(model: nn.Module, batch_norm: str = "batch") -> nn.Module:
         else:
             setattr(parent, child, new)
     return model
+
+
+def running_statistics(model: nn.Module) -> list[str]:
+    """Buffer names of the running statistics of ``model``'s :class:`TaskBatchNorm` layers (the ``per_step`` ones)."""
+    return [f"{name}.{buffer}" if name else buffer for name, m in model.named_modules()
+            if isinstance(m, TaskBatchNorm) and m.running_mean is not None
+            for buffer in ("running_mean", "running_var", "num_batches_tracked")]
+
+
+def stack_per_step(buffers: dict[str, Tensor], names: list[str], steps: int) -> dict[str, Tensor]:
+    """``buffers`` with each of ``names`` repeated into ``[steps, ...]``: one copy per inner step (``per_step``)."""
+    return {k: v.expand(steps, *v.shape).clone() if k in names else v for k, v in buffers.items()}
+
+
+def at_step(buffers: dict[str, Tensor], names: list[str], step: int) -> dict[str, Tensor]:
+    """The buffers one forward of inner step ``step`` sees: copy ``step`` of the stacked ones (the last past the end)."""
+    return {k: v[min(step, v.shape[0] - 1)] if k in names else v for k, v in buffers.items()}
+
+
+def with_step(stacked: dict[str, Tensor], names: list[str], step: int, new: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``stacked`` with copy ``step`` replaced by ``new``'s values (out of place), the other buffers ``new``'s."""
+    out = {}
+    for k, v in stacked.items():
+        if k in names:
+            i = min(step, v.shape[0] - 1)
+            out[k] = torch.cat([v[:i], new[k].unsqueeze(0), v[i + 1:]])
+        else:
+            out[k] = new[k]
+    return out

@@ -275,3 +275,52 @@ def test_a_users_model_with_running_statistics_and_dropout_repeats_and_resumes_b
     assert_same_meta(resumed.meta, whole.meta)
     first, second = (evaluate_run(tmp_path / "a", model=net(), num_tasks=6, batch_size=3) for _ in range(2))
     assert first == second
+
+
+def test_an_attention_model_runs_second_order_and_equals_the_loop():
+    """The fused attention kernels have no double backward; the library's support forwards take the math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):  # [B, 1, 4, 4] -> 4 tokens of 4 features
+            return self.head(self.layer(self.embed(x.flatten(1, 2))).mean(1))
+
+    model = make(Attention)
+    batch = classification_batch(3, n_way=3, k=2, q=2, size=4)
+    got, meta = algorithm_grads(MAML(model, inner_lr=LR, chunk_size=None), batch)
+    with sdpa_kernel([SDPBackend.MATH]):  # the loop needs the same kernel for its own double backward
+        want = reference_grads(model, meta, batch, 1, False)
+    assert rel_err(got, want) < TOL
+
+
+def test_per_step_statistics_keep_one_copy_per_inner_step():
+    """MAML++'s per-step running statistics: copy s follows the forwards of inner step s (the query: the last)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16, momentum=0.2), nn.Linear(16, 3)).double()
+    algo = build("mamlpp", model, inner_lr=LR, inner_steps=2, batch_norm="per_step", chunk_size=None)
+    batch = classification_batch(3, n_way=3, k=2, q=2, size=4)
+    meta = algo.init()
+    assert meta["buffers"]["1.running_mean"].shape == (2, 16)
+    _, metrics = algo.meta_loss(meta, batch)
+    new = merge_buffers(metrics)
+    m, r = 0.2, torch.zeros(16, dtype=torch.float64)
+    firsts, seconds = [], []
+    for xs, _, xq, _ in zip(*batch):
+        s, q = xs.flatten(1).mean(0), xq.flatten(1).mean(0)
+        firsts.append((1 - m) * r + m * s)
+        seconds.append((1 - m) * ((1 - m) * r + m * s) + m * q)
+    assert torch.allclose(new["1.running_mean"][0], torch.stack(firsts).mean(0), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(new["1.running_mean"][1], torch.stack(seconds).mean(0), rtol=1e-12, atol=1e-14)
+    assert new["1.num_batches_tracked"].tolist() == [1, 2]
+    meta["buffers"].update(new)
+    algo.model.eval()
+    evaluated = algo.evaluate(meta, batch, steps=3)["loss"]
+    assert evaluated.shape == (3, 4) and torch.isfinite(evaluated).all()
+    with pytest.raises(ValueError, match="per_step' runs with backprop='unroll' only"):
+        MAML(model, batch_norm="per_step", backprop="adjoint")

@@ -318,14 +318,20 @@ def random_layers(model: nn.Module) -> list[str]:
 
 
 def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,
-                   path: Callable[[MetaParams, Tensor, Tensor], Sequence[Params]]) -> Metrics:
+                   path: Callable[[MetaParams, Tensor, Tensor], Sequence[Params]],
+                   query_buffers: Callable[[Params, int], Params] | None = None) -> Metrics:
     """Query metrics along ``path(meta, x_support, y_support)`` of every task, ``[T, len(path)]`` each.
 
     Every point of the path is scored with the meta-buffers (in eval mode the
-    running statistics; the support forwards of the path leave them alone).
+    running statistics; the support forwards of the path leave them alone),
+    or with ``query_buffers(meta["buffers"], j)`` for the point after ``j`` steps.
     """
 
     def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-        return score_path(algorithm.model, path(meta, xs, ys), meta["buffers"], xq, yq, algorithm.loss)
+        points = path(meta, xs, ys)
+        if query_buffers is None:
+            return score_path(algorithm.model, points, meta["buffers"], xq, yq, algorithm.loss)
+        return stack_metrics([score(algorithm.model, p, query_buffers(meta["buffers"], j), xq, yq, algorithm.loss)[0]
+                              for j, p in enumerate(points)])
 
     return map_algorithm(algorithm, fn, meta, batch)

@@ -34,6 +34,7 @@ from maml_func.algorithms.base import (
 )
 from maml_func.core import MetaParams, Params, combine, partition
 from maml_func.inner import InnerRule, adapt_trajectory
+from maml_func.normalization import at_step, running_statistics, stack_per_step, with_step
 from maml_func.tasks import TaskBatch
 
 __all__ = ["MAML", "multi_step_weights"]
@@ -133,9 +134,11 @@ class MAML:
             for that memory.
         batch_norm: how BatchNorm layers normalize, one of
             :data:`~maml_func.normalization.BATCH_NORM_POLICIES`: ``"batch"``
-            (default; batch statistics at meta-train and meta-test) or
+            (default; batch statistics at meta-train and meta-test),
             ``"running"`` (running statistics accumulated from the meta-batch,
-            used in eval mode); :mod:`maml_func.normalization` gives the rule.
+            used in eval mode) or ``"per_step"`` (MAML++: a set of running
+            statistics per inner step; ``backprop="unroll"`` only);
+            :mod:`maml_func.normalization` gives the rules.
             The model's normalization layers run in their exact form
             (:func:`~maml_func.normalization.exact_model`, applied here: see
             ``maml.model``).
@@ -181,6 +184,9 @@ class MAML:
         if self.backprop != "adjoint" and self.checkpoint_every != _CHECKPOINT_EVERY:
             raise ValueError(f"{name}: checkpoint_every={self.checkpoint_every} applies to backprop='adjoint' only "
                              f"(backprop={self.backprop!r} keeps the whole graph); drop it or set backprop='adjoint'")
+        if self.batch_norm == "per_step" and self.backprop == "adjoint":
+            raise ValueError(f"{name}: batch_norm='per_step' runs with backprop='unroll' only (the adjoint recomputes "
+                             "the inner steps without their step's statistics); use one of the two alone")
         if self.backprop == "adjoint" and random_layers(self.model):
             raise ValueError(f"{name}: backprop='adjoint' recomputes the inner steps in the meta-backward, where the "
                              f"random layers {random_layers(self.model)[:3]} would draw anew; use backprop='unroll' "
@@ -202,7 +208,15 @@ class MAML:
             (state, not learned).
         """
         adapted, _ = self._split(dict(self.model.named_parameters()))
-        return init_meta(self.model, self._rule.init(adapted, self.inner_steps))
+        meta = init_meta(self.model, self._rule.init(adapted, self.inner_steps))
+        if self.batch_norm == "per_step":
+            meta["buffers"] = stack_per_step(meta["buffers"], self._stepped, max(self.inner_steps, 1))
+        return meta
+
+    @property
+    def _stepped(self) -> list[str]:
+        """The buffers kept once per inner step (``batch_norm="per_step"``); none otherwise."""
+        return running_statistics(self.model) if self.batch_norm == "per_step" else []
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer: ``Adam(maml.parameters(meta))``."""
@@ -240,13 +254,16 @@ class MAML:
         adapted, frozen = self._split(meta["model"])
         first_order = self.first_order if first_order is None else first_order
 
-        def support_loss(p: Params, buffers: Params) -> tuple[Tensor, Params]:
-            return self._support_loss(combine(p, frozen), buffers, x_support, y_support,
-                                      double_backward=not first_order)
+        stepped = self._stepped
+
+        def support_loss(p: Params, i: int, buffers: Params) -> tuple[Tensor, Params]:
+            loss, after = self._support_loss(combine(p, frozen), at_step(buffers, stepped, i), x_support, y_support,
+                                             double_backward=not first_order)
+            return loss, with_step(buffers, stepped, i, after) if stepped else after
 
         steps = self.inner_steps if steps is None else checks.integer(type(self).__name__, "steps", steps, minimum=0)
         path, buffers = adapt_trajectory(support_loss, adapted, rule=self._rule, rule_params=meta["rule"],
-                                          steps=steps, first_order=first_order, state=meta["buffers"])
+                                         steps=steps, first_order=first_order, indexed=True, state=meta["buffers"])
         return [combine(p, frozen) for p in path], buffers
 
     def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
@@ -276,11 +293,15 @@ class MAML:
         else:
             path, buffers = self._path(meta, x_support, y_support, None, first_order)
             later = path[1:] or path
-        metrics, after = score(self.model, later[-1], buffers, x_query, y_query, self.loss)
+        stepped, last = self._stepped, self.inner_steps - 1
+        metrics, after = score(self.model, later[-1], at_step(buffers, stepped, last), x_query, y_query, self.loss)
         if not last_only:
             weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
-            scores = [score(self.model, p, buffers, x_query, y_query, self.loss)[0] for p in later[:-1]]
+            scores = [score(self.model, p, at_step(buffers, stepped, last), x_query, y_query, self.loss)[0]
+                      for p in later[:-1]]
             metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, [*scores, metrics]))
+        if stepped:
+            after = with_step(buffers, stepped, last, after)
         return metrics if self.batch_norm == "batch" else with_buffers(metrics, after)
 
     def _adjoint_path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor,
@@ -325,4 +346,8 @@ class MAML:
             ``grad`` still works there).
         """
         steps = self.inner_steps if steps is None else steps
-        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self.trajectory(meta, xs, ys, steps))
+        stepped = self._stepped
+        # per_step: the query after j steps is normalized with the copy of the step that made those weights.
+        query_buffers = (lambda buffers, j: at_step(buffers, stepped, max(j - 1, 0))) if stepped else None
+        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self.trajectory(meta, xs, ys, steps),
+                              query_buffers)

@@ -68,7 +68,7 @@ class Reptile(PlainRuleAlgorithm):
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
         seed: seeds the mini-batch order (with the iteration); unused when
             every step sees the whole support set.
-        batch_norm: the BatchNorm policy, as in :class:`MAML`.
+        batch_norm: the BatchNorm policy, as in :class:`MAML` (``"batch"`` or ``"running"``).
 
     Example:
         >>> import torch
@@ -101,6 +101,9 @@ class Reptile(PlainRuleAlgorithm):
         checks.integer(name, "seed", self.seed, minimum=0, maximum=2**31 - 1, expect="an int in [0, 2**31)")
         object.__setattr__(self, "model", check_options(name, self.model, self.inner_steps, self.loss,
                                                         self.chunk_size, self.batch_norm))
+        if self.batch_norm == "per_step":
+            raise ValueError(f"{name}: batch_norm='per_step' is MAML++'s (build('mamlpp', ...) or MAML); "
+                             "use 'batch' or 'running'")
         self._set_rule(_DEFAULT_INNER_LR, "Reptile cannot train (its update has no gradient for them)")
 
     # -------------------------------------------------------------- one task
