@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from maml_func import checks
-from maml_func.algorithms.base import merge_buffers
+from maml_func.algorithms.base import Algorithm, merge_buffers
 from maml_func.core import MetaParams
 from maml_func.distributed import all_reduce_mean, gather_tasks
 from maml_func.state import TrainState
@@ -66,7 +66,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def meta_gradient(
-    algorithm: Any, meta: MetaParams, batch: TaskBatch, iteration: int, *, tasks_per_backward: int | None = None
+    algorithm: Algorithm, meta: MetaParams, batch: TaskBatch, iteration: int, *, tasks_per_backward: int | None = None
 ) -> tuple[Tensor, Metrics]:
     """The meta-loss of ``batch`` and its gradient, left in each meta-tensor's ``.grad``.
 
@@ -198,11 +198,13 @@ def _guarded_step(optimizer: torch.optim.Optimizer, apply: Tensor) -> None:
                     value.copy_(torch.where(apply.to(value.device), value, old))
 
 
-def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float,
+def train_step(state: TrainState, batch: TaskBatch, algorithm: Algorithm, *, lr: float,
                tasks_per_backward: int | None = None, guard: FiniteGuard | None = None) -> dict[str, Tensor]:
     """Apply one meta-update to ``state`` from this rank's ``batch``; return the step's metrics.
 
-    The meta-gradient of ``batch`` (:func:`meta_gradient`), averaged over the
+    The meta-gradient of ``batch`` (:func:`meta_gradient`), run the way
+    ``state.execution`` says (:class:`~maml_func.execution.ExecutionPolicy`;
+    ``None``: as ``algorithm`` is set up), averaged over the
     ranks with the loss under ``torch.distributed``; then, only if both are
     finite, the optimizer step at step size ``lr``; the model's buffers from
     the tasks' own (:func:`~maml_func.algorithms.base.merge_buffers`, with the
@@ -233,8 +235,14 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float
             NaN/inf; ``state`` is unchanged (no optimizer step), ``checkpoint`` is ``None``.
     """
     params = algorithm.parameters(state.meta)
-    loss, metrics = meta_gradient(algorithm, state.meta, batch, state.iteration,
-                                  tasks_per_backward=tasks_per_backward)
+
+    def one_meta_gradient(algorithm: Algorithm) -> tuple[Tensor, Metrics]:
+        return meta_gradient(algorithm, state.meta, batch, state.iteration, tasks_per_backward=tasks_per_backward)
+
+    if state.execution is None:
+        loss, metrics = one_meta_gradient(algorithm)
+    else:  # the policy's way of running the tasks (timing the candidates on the first iterations)
+        loss, metrics = state.execution.run(algorithm, batch, state.device, one_meta_gradient)
     if state.world.size > 1:  # the meta-gradient and loss of the whole meta-batch, on every rank
         loss = loss.detach().to(dtype=batch.x_support.dtype).clone()
         all_reduce_mean([loss, *(p.grad for p in params if p.grad is not None)],

@@ -1,0 +1,289 @@
+"""The execution policy: which way runs the per-task function of a meta-batch, chosen by measuring it.
+
+Every way of running an algorithm's per-task function over a meta-batch
+computes the same meta-gradient up to rounding: one ``vmap`` over all tasks,
+``vmap`` in chunks of a few tasks, or a Python loop over tasks
+(:func:`maml_func.batching.map_tasks`). Which is fastest depends on the
+device, the shapes and the model more than any fixed rule captures (on a CPU
+``vmap`` wins at Omniglot's 28x28 and loses to the loop at miniImageNet's
+84x84; ``benchmarks/README.md``). So, as ``cudnn.benchmark`` does for
+convolutions, ``"auto"`` times the candidates on the first meta-iterations of
+a run, which are real training iterations (their gradients are applied), and
+keeps the fastest for the rest of the run:
+
+- candidates: one ``vmap``, chunks of 2, 4 and 8 tasks (those below the
+  meta-batch), the loop; each runs ``ROUNDS`` iterations and is timed on the
+  last (the first pays one-off costs);
+- the choice: among the candidates within 5% of the fastest, the one whose
+  memory rose least (the peak resident set on the CPU, the peak allocation
+  on CUDA), and never one over ``max_memory_mb`` when that is set;
+- the choice and the timings are one line of the run's log and part of its
+  checkpoint (``--resume`` keeps the choice and does not search again), and
+  are cached per device, task shapes, model and algorithm
+  (``$MAML_FUNC_CACHE_DIR``, default ``~/.cache/maml_func``), so a second run
+  of the same set-up starts with the choice.
+
+``"vmap"`` and ``"loop"`` skip the search (the algorithm's own ``chunk_size``
+applies to ``"vmap"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maml_func import checks
+from maml_func.tasks import TaskBatch
+
+__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "ways"]
+
+#: The execution policies: measure and choose, always one ``vmap`` (with ``chunk_size``), always the loop.
+EXECUTIONS = ("auto", "vmap", "loop")
+#: Iterations each candidate runs during the search; the last one is timed.
+ROUNDS = 2
+# Candidates this close to the fastest count as fast; the one of them that needs least memory is taken.
+_TIE = 0.05
+_CHUNKS = (2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Way:
+    """One way to run the tasks of a meta-batch: ``vmap`` (in chunks of ``chunk_size``; ``None``: all) or the loop."""
+
+    chunk_size: int | str | None
+    vectorize: bool = True
+
+    @property
+    def name(self) -> str:
+        if not self.vectorize:
+            return "loop"
+        return "vmap" if self.chunk_size is None else f"chunk={self.chunk_size}"
+
+    @classmethod
+    def parse(cls, name: str) -> Way:
+        if name == "loop":
+            return cls(None, False)
+        if name == "vmap":
+            return cls(None)
+        return cls(int(name.removeprefix("chunk=")))
+
+    def apply(self, algorithm: Any) -> Any:
+        """``algorithm`` running its tasks this way (a copy with ``chunk_size``/``vectorize`` set)."""
+        if algorithm.chunk_size == self.chunk_size and algorithm.vectorize == self.vectorize:
+            return algorithm
+        return dataclasses.replace(algorithm, chunk_size=self.chunk_size, vectorize=self.vectorize)
+
+
+def ways(num_tasks: int) -> list[Way]:
+    """The candidates for a meta-batch of ``num_tasks``: one ``vmap``, chunks of 2, 4, 8 below it, the loop."""
+    chunks = [Way(c) for c in _CHUNKS if c < num_tasks]
+    return [Way(None), *chunks, Way(None, False)] if num_tasks > 1 else [Way(None)]
+
+
+def _resident_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Memory:
+    """The peak memory rise of one call: CUDA's peak allocation, or the CPU's peak resident set (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
+
+    def start(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if self.cpu:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from now
+            except OSError:
+                self.cpu = False
+                return 0
+            return _resident_bytes("VmRSS")
+        return 0
+
+    def rise(self, before: int) -> int | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - before
+        return _resident_bytes("VmHWM") - before if self.cpu else None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ExecutionPolicy:
+    """Which way runs the tasks of each meta-iteration; with ``"auto"``, found by timing the candidates.
+
+    Args:
+        mode: one of :data:`EXECUTIONS`.
+        max_memory_mb: with ``"auto"``, never choose a way whose memory rose
+            by more than this many MiB in its timed iteration (the loop stays
+            a candidate whatever it needs); ``None``: no limit.
+        cache_dir: where choices are remembered per set-up; ``None``: no cache.
+
+    Example:
+        >>> policy = ExecutionPolicy("loop")
+        >>> policy.way(32).name, policy.searching
+        ('loop', False)
+    """
+
+    def __init__(self, mode: str = "auto", *, max_memory_mb: float | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        self.mode = checks.choice("ExecutionPolicy", "mode", mode, EXECUTIONS)
+        self.max_memory_mb = checks.number("ExecutionPolicy", "max_memory_mb", max_memory_mb, positive=True,
+                                           none_ok=True)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.choice: str | None = None
+        self.timings: dict[str, dict[str, Any]] = {}  # way -> {"runs": n, "seconds": s, "memory_mb": m}
+        self.from_cache = False
+        self._variants: dict[tuple[int, Way], Any] = {}
+
+    # ------------------------------------------------------------ the choice
+    @property
+    def searching(self) -> bool:
+        """Whether the next iterations still time candidates."""
+        return self.mode == "auto" and self.choice is None
+
+    def way(self, num_tasks: int) -> Way:
+        """The way to run the next meta-iteration of ``num_tasks`` tasks (``"vmap"``: chunks as the algorithm says)."""
+        if self.mode != "auto":
+            return Way(None, self.mode == "vmap")
+        if self.choice is not None:
+            return Way.parse(self.choice)
+        for way in ways(num_tasks):
+            if self.timings.get(way.name, {}).get("runs", 0) < ROUNDS:
+                return way
+        self.choice = self._choose()
+        return Way.parse(self.choice)
+
+    def algorithm(self, algorithm: Any, num_tasks: int) -> Any:
+        """``algorithm`` set up to run the next meta-iteration the policy's way (each variant made once)."""
+        way = self.way(num_tasks)
+        if self.mode == "vmap":
+            way = Way(algorithm.chunk_size)
+        key = (id(algorithm), way)
+        if key not in self._variants:
+            if len(self._variants) > len(_CHUNKS) + 2:  # another algorithm: forget the old one's variants
+                self._variants.clear()
+            self._variants[key] = way.apply(algorithm)
+        return self._variants[key]
+
+    def run(self, algorithm: Any, batch: TaskBatch, device: torch.device, step: Callable[[Any], Any]) -> Any:
+        """``step(algorithm set up the policy's way)``; while searching, timed and its memory measured.
+
+        ``step`` is one meta-iteration (e.g. :func:`maml_func.step.meta_gradient` of ``batch``).
+        """
+        variant = self.algorithm(algorithm, batch.num_tasks)
+        if not self.searching:
+            return step(variant)
+        way = self.way(batch.num_tasks)
+        memory = _Memory(device)
+        _sync(device)
+        before, start = memory.start(), time.perf_counter()
+        out = step(variant)
+        _sync(device)
+        seconds, rise = time.perf_counter() - start, memory.rise(before)
+        entry = self.timings.setdefault(way.name, {"runs": 0})
+        entry.update(runs=entry["runs"] + 1, seconds=seconds,
+                     memory_mb=None if rise is None else round(rise / 2**20, 1))
+        if all(self.timings.get(w.name, {}).get("runs", 0) >= ROUNDS for w in ways(batch.num_tasks)):
+            self.choice = self._choose()
+        return out
+
+    def _choose(self) -> str:
+        timed = {name: t for name, t in self.timings.items() if t.get("runs", 0) >= ROUNDS}
+        allowed = {name: t for name, t in timed.items() if name == "loop" or self.max_memory_mb is None
+                   or t["memory_mb"] is None or t["memory_mb"] <= self.max_memory_mb} or timed
+        fastest = min(t["seconds"] for t in allowed.values())
+        close = [name for name, t in allowed.items() if t["seconds"] <= fastest * (1 + _TIE)]
+        return min(close, key=lambda name: (allowed[name]["memory_mb"] or 0.0, allowed[name]["seconds"]))
+
+    def summary(self) -> str:
+        """One line: the choice, and each candidate's time and memory."""
+        parts = ", ".join(f"{name} {t['seconds'] * 1e3:.0f} ms"
+                          + ("" if t.get("memory_mb") is None else f" +{t['memory_mb']:.0f} MiB")
+                          for name, t in self.timings.items() if "seconds" in t)
+        source = " (cached)" if self.from_cache else ""
+        return f"execution: {self.choice}{source}" + (f" ({parts})" if parts else "")
+
+    # ------------------------------------------------------- state and cache
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the mode, the choice, the timings."""
+        return {"mode": self.mode, "choice": self.choice, "timings": json.loads(json.dumps(self.timings)),
+                "max_memory_mb": self.max_memory_mb}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`; a finished search is not run again."""
+        if state.get("mode") == self.mode and state.get("max_memory_mb") == self.max_memory_mb:
+            self.choice, self.timings = state.get("choice"), dict(state.get("timings") or {})
+
+    def _cache_file(self, key: dict[str, Any]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.cache_dir / f"execution-{digest}.json"
+
+    def recall(self, key: dict[str, Any]) -> bool:
+        """Take the choice cached for the set-up ``key`` (see :func:`setup_key`), if any; whether one was found."""
+        file = self._cache_file(key)
+        if not self.searching or file is None or not file.is_file():
+            return False
+        try:
+            saved = json.loads(file.read_text())
+            Way.parse(saved["choice"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # a damaged cache entry is only a lost shortcut
+        self.choice, self.timings, self.from_cache = saved["choice"], saved.get("timings", {}), True
+        return True
+
+    def remember(self, key: dict[str, Any]) -> None:
+        """Write the choice for the set-up ``key``; a cache that cannot be written is skipped silently."""
+        file = self._cache_file(key)
+        if file is None or self.choice is None or self.from_cache:
+            return
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "choice": self.choice, "timings": self.timings}))
+            os.replace(tmp, file)
+        except OSError:
+            pass
+
+
+def default_cache_dir() -> Path:
+    """``$MAML_FUNC_CACHE_DIR``, else ``~/.cache/maml_func`` (``$XDG_CACHE_HOME`` respected)."""
+    if os.environ.get("MAML_FUNC_CACHE_DIR"):
+        return Path(os.environ["MAML_FUNC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "maml_func"
+
+
+def setup_key(algorithm: Any, batch: TaskBatch, *, tasks_per_backward: int | None = None) -> dict[str, Any]:
+    """What the fastest way depends on: device, threads, task shapes and dtype, the model, the algorithm."""
+    device = batch.x_support.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    model = algorithm.model
+    options = {f.name: repr(getattr(algorithm, f.name)) for f in dataclasses.fields(algorithm)
+               if f.init and f.name not in ("model", "chunk_size", "vectorize")}
+    return {
+        "torch": torch.__version__, "device": name, "threads": torch.get_num_threads(),
+        "shapes": [list(t.shape) for t in batch], "dtype": str(batch.x_support.dtype),
+        "model": type(model).__name__, "parameters": [list(p.shape) for p in model.parameters()],
+        "algorithm": type(algorithm).__name__, "options": options, "tasks_per_backward": tasks_per_backward,
+    }

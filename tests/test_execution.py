@@ -1,0 +1,99 @@
+"""The execution policy: every candidate gives the same meta-gradient; the search, its choice, its state and cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_core import TOL, classification_batch, rel_err
+from torch import nn
+
+from maml_func import MAML, build
+from maml_func.execution import ROUNDS, ExecutionPolicy, Way, setup_key, ways
+from maml_func.reference import loop_meta_grad
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 3)).double()
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "anil"])
+def test_every_candidate_gives_the_loops_meta_gradient(name):
+    model = small_cnn()
+    batch = classification_batch(9, n_way=3, k=2, q=2, size=4)
+    algorithm = build(name, model, inner_lr=0.3, inner_steps=2)
+    meta = algorithm.init()
+    grads = {}
+    for way in ways(batch.num_tasks):
+        variant = way.apply(algorithm)
+        assert (variant.chunk_size, variant.vectorize) == (way.chunk_size, way.vectorize)
+        loss, _ = variant.meta_loss(meta, batch)
+        grads[way.name] = torch.autograd.grad(loss, algorithm.parameters(meta))
+    assert sorted(grads) == ["chunk=2", "chunk=4", "chunk=8", "loop", "vmap"]
+    for name_, g in grads.items():
+        assert rel_err(list(g), list(grads["loop"])) < TOL, name_
+    if name == "maml":
+        want = loop_meta_grad(model, meta["model"], batch, inner_lr=0.3, steps=2)
+        assert rel_err(list(grads["vmap"]), list(want)) < TOL
+
+
+def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_round_trips():
+    algorithm = MAML(small_cnn(), inner_lr=0.3)
+    batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
+    meta = algorithm.init()
+    policy = ExecutionPolicy("auto")
+    seen = []
+
+    def step(variant):
+        seen.append(Way(variant.chunk_size, variant.vectorize).name)
+        loss, metrics = variant.meta_loss(meta, batch)
+        return loss, metrics
+
+    candidates = [w.name for w in ways(4)]
+    for _ in range(ROUNDS * len(candidates)):
+        assert policy.searching
+        policy.run(algorithm, batch, torch.device("cpu"), step)
+    assert not policy.searching and policy.choice in candidates
+    assert seen == [c for c in candidates for _ in range(ROUNDS)]
+    assert set(policy.timings) == set(candidates) and all(t["seconds"] > 0 for t in policy.timings.values())
+    assert policy.summary().startswith(f"execution: {policy.choice} (")
+    policy.run(algorithm, batch, torch.device("cpu"), step)
+    assert seen[-1] == policy.choice
+    resumed = ExecutionPolicy("auto")
+    resumed.load_state_dict(policy.state_dict())
+    assert not resumed.searching and resumed.way(4).name == policy.choice
+    other = ExecutionPolicy("auto", max_memory_mb=10.0)
+    other.load_state_dict(policy.state_dict())  # another budget: the choice does not carry over
+    assert other.searching
+
+
+def test_the_choice_takes_least_memory_among_the_near_fastest_within_the_budget():
+    policy = ExecutionPolicy("auto")
+    policy.timings = {"vmap": {"runs": 2, "seconds": 1.00, "memory_mb": 900.0},
+                      "chunk=2": {"runs": 2, "seconds": 1.04, "memory_mb": 500.0},
+                      "loop": {"runs": 2, "seconds": 1.50, "memory_mb": 400.0}}
+    assert policy._choose() == "chunk=2"
+    policy.max_memory_mb = 450.0
+    assert policy._choose() == "loop"
+    policy.max_memory_mb, policy.timings["chunk=2"]["seconds"] = None, 1.2
+    assert policy._choose() == "vmap"
+
+
+def test_fixed_modes_skip_the_search_and_a_second_run_reads_the_cache(tmp_path):
+    algorithm = MAML(small_cnn(), inner_lr=0.3, chunk_size=3)
+    assert ExecutionPolicy("loop").algorithm(algorithm, 8).vectorize is False
+    assert ExecutionPolicy("vmap").algorithm(algorithm, 8).chunk_size == 3
+    batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
+    key = setup_key(algorithm, batch)
+    first = ExecutionPolicy("auto", cache_dir=tmp_path)
+    first.choice, first.timings = "chunk=2", {"chunk=2": {"runs": 2, "seconds": 0.1, "memory_mb": 1.0}}
+    first.remember(key)
+    second = ExecutionPolicy("auto", cache_dir=tmp_path)
+    assert second.recall(key) and second.choice == "chunk=2" and not second.searching
+    assert "(cached)" in second.summary()
+    assert not ExecutionPolicy("auto", cache_dir=tmp_path).recall({**key, "threads": 99})
+    (next(tmp_path.iterdir())).write_text("{not json")
+    assert not ExecutionPolicy("auto", cache_dir=tmp_path).recall(key)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ExecutionPolicy("fast")
