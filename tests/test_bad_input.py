@@ -4,6 +4,7 @@ and nothing new on disk after a refused run. One test per case that used to brea
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -213,3 +214,22 @@ def test_the_rgb_of_an_image_folder_is_not_refused(tmp_path: Path, capsys: pytes
                         "--save-to", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["channels"] == 3
+
+
+# 8. round 3: a hostile checkpoint is refused without advice to turn the protection off
+class RunsCode:
+    def __reduce__(self) -> tuple:
+        return print, ("a checkpoint ran code",)
+
+
+def test_a_hostile_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.save({"meta": RunsCode()}, tmp_path / "hostile.pt")
+    for argv in (["eval", "--checkpoint", str(tmp_path / "hostile.pt")],
+                 ["train", "--resume", str(tmp_path / "hostile.pt")]):
+        code, out, err = run(argv, capsys)
+        assert_refused(code, out, err, "asks to construct print", "does not load it", "checkpoint written by maml_func")
+        assert "weights_only=False" not in err and "will likely succeed" not in err and "a checkpoint ran code" not in out
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"meta": RunsCode()}))  # not torch's zip: refused by operand
+    code, out, err = run(["eval", "--checkpoint", str(tmp_path / "raw.pt")], capsys)
+    assert_refused(code, out, err, "torch's safe loader refused it")
+    assert "weights_only" not in err

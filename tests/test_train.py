@@ -374,22 +374,23 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
 
 
 _SLOW_SAVE = textwrap.dedent("""
-    import sys, time, torch
+    import os, sys, time, torch
     from maml_func.checkpoint import save_checkpoint
     path = sys.argv[1]
     save_checkpoint({"w": torch.zeros(100_000), "generation": 1}, path)
 
-    class Slow:  # a file that stalls after its first megabyte-ish write
-        def __init__(self, f): self.f, self.written = f, 0
+    class Slow:  # the temporary file of the write: stalls after its first 2000 bytes
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *exc): self.f.close()
         def write(self, b):
-            n = self.f.write(b); self.f.flush(); self.written += n
-            if self.written > 1000:
-                print("WRITING", flush=True); time.sleep(600)
-            return n
+            self.f.write(b[:2000]); self.f.flush()
+            print("WRITING", flush=True); time.sleep(600)
         def flush(self): self.f.flush()
+        def fileno(self): return self.f.fileno()
 
-    real_save = torch.save
-    torch.save = lambda obj, f: real_save(obj, Slow(f))
+    real_fdopen = os.fdopen
+    os.fdopen = lambda fd, mode: Slow(real_fdopen(fd, mode))
     save_checkpoint({"w": torch.ones(100_000), "generation": 2}, path)
 """)
 
