@@ -3,9 +3,14 @@ and nothing new on disk after a refused run. One test per case that used to brea
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -233,3 +238,48 @@ def test_a_hostile_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, c
     code, out, err = run(["eval", "--checkpoint", str(tmp_path / "raw.pt")], capsys)
     assert_refused(code, out, err, "torch's safe loader refused it")
     assert "weights_only" not in err
+
+
+# 9. round 3: a run owns its directory from its first moment to its end
+def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(folder: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "maml_func", "train", *tiny_flags(folder, tmp_path),
+                              "--iterations", "100000", "--val-every", "0", "--save-every", "1", "--log-every", "1",
+                              "--save-to", str(run_dir)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run_dir / "last.pt").exists():
+            time.sleep(0.05)
+        for argv in (["--seed", "2", "--save-to", str(run_dir)], ["--resume", str(run_dir)]):
+            code, out, err = run(["train", *tiny_flags(folder, tmp_path), *argv, "--iterations", "100001"], capsys)
+            assert_refused(code, out, err, f"run directory {str(run_dir)!r} is in use by process {first.pid}",
+                           "wait for that run to end, or choose another save_to")
+        first.send_signal(signal.SIGINT)
+        _, first_err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 130, first_err
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "last.pt", "learning_curve.png",
+                                                         "metrics.jsonl"]  # no lock left
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == 0  # the first run's files, whole
+    logged = [json.loads(line)["iteration"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, load_checkpoint(run_dir / "last.pt")["iteration"] + 1))
+
+
+def test_fit_refuses_a_locked_directory_and_takes_over_a_stale_lock(folder: Path, tmp_path: Path) -> None:
+    from maml_func.rundir import RunDirectoryLocked, claimed
+    from maml_func.train import fit
+
+    config = make_config(dataset=str(folder), data_root=str(tmp_path / "cache"), image_size=16, hidden=8, n_way=3,
+                         n_query=2, meta_batch=2, iterations=1, val_every=0, val_tasks=4, device="cpu",
+                         save_to=str(tmp_path / "run"))
+    with claimed(tmp_path / "run", "test"):  # held by this process, through another open file: still refused
+        with pytest.raises(RunDirectoryLocked, match=f"is in use by process {os.getpid()}"):
+            fit(config, progress=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert list((tmp_path / "run").iterdir()) == []  # released: the lock file goes with the lock
+    (tmp_path / "run" / ".lock").write_text("4194305\n")  # left by a run that was killed: its lock is free
+    with pytest.warns(UserWarning, match=r"taking over run directory .* \(process 4194305\) is gone"):
+        assert fit(config, progress=False).iteration == 1
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -15,6 +15,7 @@ same promise as ``torch.load(weights_only=True)`` for checkpoints).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import io
@@ -23,7 +24,6 @@ import pickle
 import shutil
 import tarfile
 import tempfile
-import urllib.error
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from maml_func import checks
+from maml_func.atomic import WriteError
 from maml_func.data._io import cached_splits, write_splits
 from maml_func.data.classes import ImageClasses
 
@@ -70,6 +71,7 @@ def fetch(url: str, expected_md5: str, root: Path, filename: str, fn: str, offli
 
     Raises:
         ConnectionError: the download failed; the message ends with ``offline_hint``.
+        maml_func.atomic.WriteError: ``root`` is full; nothing is left there.
         ValueError: the download does not match its md5 (it is discarded).
     """
     from torchvision.datasets.utils import check_integrity, download_url
@@ -78,7 +80,9 @@ def fetch(url: str, expected_md5: str, root: Path, filename: str, fn: str, offli
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
             download_url(url, tmp, filename=filename)
-        except (urllib.error.URLError, OSError) as exc:
+        except OSError as exc:  # urllib's errors are OSErrors too
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the network
+                raise WriteError(root / filename, exc) from exc
             raise ConnectionError(f"{fn}: could not download {url} ({checks.brief(exc)}); {offline_hint}") from exc
         fetched = Path(tmp) / filename
         if not check_integrity(str(fetched), expected_md5):
@@ -101,6 +105,7 @@ def place_archive(root: str | Path, source: str | Path | None, filename: str, ur
         FileNotFoundError: ``source`` is not a folder or has no ``filename``.
         ValueError: an archive does not match ``expected_md5`` (left untouched; the message ends with ``remedy``).
         ConnectionError: the download failed.
+        maml_func.atomic.WriteError: ``root`` is full; nothing is left there.
     """
     root = Path(root).expanduser()
     target = root / filename
@@ -118,7 +123,10 @@ def place_archive(root: str | Path, source: str | Path | None, filename: str, ur
     check_md5(found, expected_md5, fn, remedy)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".copy-") as tmp:
-        shutil.copyfile(found, Path(tmp) / filename)
+        try:
+            shutil.copyfile(found, Path(tmp) / filename)
+        except OSError as exc:
+            raise WriteError(target, exc, found.stat().st_size) from exc
         os.replace(Path(tmp) / filename, target)
     return root
 
