@@ -224,7 +224,7 @@ class RunDirectory:
         if self._log is None:
             return
         line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
-        start = self._log.tell()
+        start = self._log.seek(0, os.SEEK_END)  # not tell(): appending does not follow a truncation
         try:
             while line:
                 line = line[self._log.write(line):]

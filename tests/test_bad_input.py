@@ -3,10 +3,13 @@ and nothing new on disk after a refused run. One test per case that used to brea
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_cli import noise_folder, run, tiny_flags
+from test_cli import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
@@ -283,3 +286,90 @@ def test_fit_refuses_a_locked_directory_and_takes_over_a_stale_lock(folder: Path
     with pytest.warns(UserWarning, match=r"taking over run directory .* \(process 4194305\) is gone"):
         assert fit(config, progress=False).iteration == 1
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+# 10. round 3: a full disk ends a run in one line, with the last checkpoint intact, or only warns
+def fill_disk_at(monkeypatch: pytest.MonkeyPatch, module: object, name: str, writes_ok: int) -> list[bytes]:
+    """Every atomic write of ``name`` through ``module`` after the first ``writes_ok`` fails halfway (ENOSPC).
+
+    Returns the bytes of each write that went through.
+    """
+    real, written = module.atomic_write, []
+
+    def filling(path: Path, content: bytes, **kwargs: object) -> Path:
+        if Path(path).name != name:
+            return real(path, content, **kwargs)
+        if len(written) < writes_ok:
+            written.append(content)
+            return real(path, content, **kwargs)
+
+        def half(f: object) -> None:
+            f.write(content[:100] if isinstance(content, bytes) else b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, half, **kwargs)
+
+    monkeypatch.setattr(module, "atomic_write", filling)
+    return written
+
+
+@pytest.mark.parametrize("writes_ok", [0, 1], ids=["first-checkpoint", "later-checkpoint"])
+def test_a_full_disk_stops_the_run_in_one_line_with_the_last_checkpoint_intact(
+        writes_ok: int, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import maml_func.checkpoint
+
+    run_dir = tmp_path / "run"
+    written = fill_disk_at(monkeypatch, maml_func.checkpoint, "last.pt", writes_ok)
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--iterations", "3", "--save-every", "1",
+                          "--val-every", "0", "--save-to", str(run_dir)], capsys)
+    assert_refused(code, out, err, f"could not write {run_dir / 'last.pt'} (No space left on device; ",
+                   status=1, after_start=True)
+    assert not list(tmp_path.rglob("*.tmp"))
+    if writes_ok == 0:
+        assert "no checkpoint had been written, so nothing of this run is left" in err and not run_dir.exists()
+        return
+    assert f"the last checkpoint, {run_dir / 'last.pt'} (iteration 1), is intact and --resume {run_dir} " in err
+    assert (run_dir / "last.pt").read_bytes() == written[0]
+    monkeypatch.undo()
+    code, _, err = run(["train", "--resume", str(run_dir), "--no-progress"], capsys)
+    assert code == 0 and load_checkpoint(run_dir / "last.pt")["iteration"] == 3, err
+
+
+def test_metrics_and_plot_that_cannot_be_written_warn_once_and_the_run_goes_on(
+        folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import maml_func.rundir
+
+    class FullFile(io.FileIO):
+        def write(self, data: bytes) -> int:
+            super().write(bytes(data)[:10])  # part of the line goes in, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maml_func.rundir, "open", lambda path, *args, **kwargs: FullFile(path, "a"), raising=False)
+    fill_disk_at(monkeypatch, maml_func.rundir, "learning_curve.png", 0)
+    run_dir = tmp_path / "run"
+    code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--iterations", "3", "--val-every", "1",
+                          "--log-every", "1", "--save-to", str(run_dir)], capsys)
+    assert code == 0 and out == "", err
+    warned = [line for line in err.splitlines() if line.startswith("maml-func train: warning: ")]
+    assert len(err.splitlines()) == 4 and len(warned) == 2, err  # the run's line, two warnings, the result
+    assert f"could not write {run_dir / 'metrics.jsonl'} (No space left on device" in warned[0]
+    assert f"could not write {run_dir / 'learning_curve.png'} (No space left on device" in warned[1]
+    assert all("the run goes on" in line for line in warned)
+    assert (run_dir / "metrics.jsonl").read_bytes() == b""  # no half line left behind
+    assert load_checkpoint(run_dir / "last.pt")["iteration"] == 3 and (run_dir / "best.pt").is_file()
+    assert not (run_dir / "learning_curve.png").exists() and not list(run_dir.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not SHARED_OMNIGLOT.is_dir(), reason=f"the Omniglot archives are not at {SHARED_OMNIGLOT}")
+def test_a_full_disk_during_download_names_the_file_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def filling(src: Path, dst: Path, **kwargs: object) -> None:
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", filling)
+    root = tmp_path / "data"
+    code, out, err = run(["download", "--root", str(root), "--source", str(SHARED_OMNIGLOT)], capsys)
+    assert_refused(code, out, err, f"could not write {root / 'images_background.zip'} (No space left on device; "
+                   "it needs 8.0 MB", f"nothing new was left in {root}", status=1)
+    assert tree(tmp_path) == []
