@@ -49,8 +49,8 @@ from maml_func.tasks import EpisodeSampler
 
 __all__ = [
     "PRESETS", "MetaStepFailed", "MetaStepOutOfMemory", "NonFiniteLossError", "RunDirectoryLocked", "RunWriteError",
-    "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm", "check_run_directory", "checkpoint_path", "evaluate_run", "fit", "load_run", "make_config", "meta_gradient",
-    "meta_lr_at", "train_step",
+    "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm", "check_run_directory", "checkpoint_path",
+    "evaluate_run", "fit", "load_run", "make_config", "meta_gradient", "meta_lr_at", "train_step",
 ]
 
 # Validation tasks are the same at every validation and for every training

@@ -236,7 +236,8 @@ def test_a_hostile_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, c
                  ["train", "--resume", str(tmp_path / "hostile.pt")]):
         code, out, err = run(argv, capsys)
         assert_refused(code, out, err, "asks to construct print", "does not load it", "checkpoint written by maml_func")
-        assert "weights_only=False" not in err and "will likely succeed" not in err and "a checkpoint ran code" not in out
+        assert "weights_only=False" not in err and "will likely succeed" not in err
+        assert "a checkpoint ran code" not in out
     (tmp_path / "raw.pt").write_bytes(pickle.dumps({"meta": RunsCode()}))  # not torch's zip: refused by operand
     code, out, err = run(["eval", "--checkpoint", str(tmp_path / "raw.pt")], capsys)
     assert_refused(code, out, err, "torch's safe loader refused it")
@@ -373,3 +374,51 @@ def test_a_full_disk_during_download_names_the_file_and_leaves_nothing(tmp_path:
     assert_refused(code, out, err, f"could not write {root / 'images_background.zip'} (No space left on device; "
                    "it needs 8.0 MB", f"nothing new was left in {root}", status=1)
     assert tree(tmp_path) == []
+
+
+_ON_A_SMALL_DISK = """
+import contextlib, io, json, os, subprocess, sys
+disk, flags = sys.argv[1], json.loads(sys.argv[2])
+if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", disk], capture_output=True).returncode:
+    sys.exit(77)
+from maml_func.cli import main
+
+def cli(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        return main(argv), err.getvalue()
+
+run = os.path.join(disk, "run")
+first, _ = cli(["train", *flags, "--iterations", "1", "--save-to", run])
+before = open(os.path.join(run, "last.pt"), "rb").read()
+space = os.statvfs(disk)
+with open(os.path.join(disk, "filler"), "wb") as f:  # leave 16 KB: enough for config.json, not for a checkpoint
+    f.write(bytes(space.f_bavail * space.f_frsize - 16 * 1024))
+code, err = cli(["train", "--resume", run, "--iterations", "3", "--save-every", "1", "--no-progress"])
+after = open(os.path.join(run, "last.pt"), "rb").read()
+print(json.dumps({"first": first, "code": code, "err": err, "same": after == before, "left": sorted(os.listdir(run))}))
+"""
+
+
+def test_a_full_disk_for_real_on_a_small_tmpfs(folder: Path, tmp_path: Path) -> None:
+    """The same promise on a real full file system: a 1 MB tmpfs in a private mount namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here to mount a small tmpfs; the monkeypatched full-disk tests cover the promise")
+    (tmp_path / "disk").mkdir()
+    flags = [*tiny_flags(folder, tmp_path), "--val-every", "0"]
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", sys.executable, "-c", _ON_A_SMALL_DISK,
+                           str(tmp_path / "disk"), json.dumps(flags)], capture_output=True, text=True, timeout=120)
+    if done.returncode == 77 or done.stderr.startswith("unshare:"):  # no user namespaces, or no mount in them
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:200] or 'mount refused'}); the monkeypatched "
+                    "full-disk tests cover the promise")
+    result = json.loads(done.stdout)
+    assert result["first"] == 0 and result["code"] == 1, result
+    lines = result["err"].splitlines()
+    assert len(lines) == 2 and lines[0].startswith("maml-func train: maml on "), result  # the run's line, the error
+    run_dir = tmp_path / "disk" / "run"
+    assert lines[1].startswith(f"maml-func train: error: fit: could not write {run_dir / 'last.pt'} (No space left "
+                               "on device; it needs 0.1 MB; 0.0 MB free there); the last checkpoint, "
+                               f"{run_dir / 'last.pt'} (iteration 1), is intact and --resume {run_dir} "
+                               "continues"), result
+    assert result["same"] and result["left"] == ["best.pt", "config.json", "last.pt", "learning_curve.png",
+                                                 "metrics.jsonl"], result  # no temporary file, no lock
