@@ -422,3 +422,37 @@ def test_a_full_disk_for_real_on_a_small_tmpfs(folder: Path, tmp_path: Path) -> 
                                "continues"), result
     assert result["same"] and result["left"] == ["best.pt", "config.json", "last.pt", "learning_curve.png",
                                                  "metrics.jsonl"], result  # no temporary file, no lock
+
+
+# 11. round 3: a run that stops at iteration 1 leaves nothing, or a run that --resume accepts
+def test_a_run_that_stops_at_iteration_1_leaves_nothing(folder: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own file")
+    for run_dir in (tmp_path / "new" / "run", tmp_path / "mine"):
+        code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--inner-lr", "1e38", "--iterations", "3",
+                              "--save-to", str(run_dir)], capsys)
+        assert_refused(code, out, err, "at iteration 1;", "no checkpoint had been written, so nothing of this run "
+                       f"is left in {run_dir}", "Lower inner_lr", status=1, after_start=True)
+    assert not (tmp_path / "new").exists()  # the folders it made, gone
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]  # what was there before, kept
+
+
+def test_a_resumed_run_that_stops_at_its_first_iteration_stays_resumable(
+        folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maml_func import step
+
+    run_dir = tmp_path / "run"
+    assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "1", "--save-to", str(run_dir)], capsys)[0] == 0
+    before = (run_dir / "last.pt").read_bytes()
+    def broken(*args: object, **kwargs: object) -> None:  # a model that cannot run
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(step, "meta_gradient", broken)
+    code, out, err = run(["train", "--resume", str(run_dir), "--iterations", "3", "--no-progress"], capsys)
+    assert_refused(code, out, err, "meta-iteration 2 failed (RuntimeError: boom)", f"the last checkpoint, "
+                   f"{run_dir / 'last.pt'} (iteration 1), is intact and --resume {run_dir} continues from it",
+                   status=1, after_start=True)
+    assert (run_dir / "last.pt").read_bytes() == before
+    monkeypatch.undo()
+    assert run(["train", "--resume", str(run_dir), "--iterations", "3", "--no-progress"], capsys)[0] == 0
