@@ -170,7 +170,7 @@ def read_history(run_dir: Path, up_to: int) -> list[Record]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # a stray byte does not stop a resume
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

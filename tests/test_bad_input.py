@@ -456,3 +456,37 @@ def test_a_resumed_run_that_stops_at_its_first_iteration_stays_resumable(
     assert (run_dir / "last.pt").read_bytes() == before
     monkeypatch.undo()
     assert run(["train", "--resume", str(run_dir), "--iterations", "3", "--no-progress"], capsys)[0] == 0
+
+
+# 12. round 3: a checkpoint missing an entry is named once, for eval and for --resume
+@pytest.mark.parametrize(("entry", "value", "needle"), [
+    ("meta", None, "it has no 'meta' entry"),
+    ("iteration", "3", "its 'iteration' entry is a str"),
+    ("meta", {"model": [1, 2]}, "its 'meta' entry is not a dict of tensor dicts"),
+])
+def test_a_checkpoint_with_a_missing_or_malformed_entry_is_one_line(entry: str, value: object, needle: str,
+                                                                    folder: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "1", "--val-every", "0", "--save-to",
+                str(run_dir)], capsys)[0] == 0
+    state = load_checkpoint(run_dir / "last.pt")
+    if value is None:
+        del state[entry]
+    else:
+        state[entry] = value
+    save_checkpoint(state, run_dir / "last.pt")
+    (run_dir / "best.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    for argv in (["eval", "--checkpoint", str(run_dir)], ["train", "--resume", str(run_dir), "--iterations", "2"]):
+        code, out, err = run(argv, capsys)
+        assert_refused(code, out, err, f"{str(run_dir / 'last.pt')!r} is a damaged training checkpoint: {needle}",
+                       "use the run's other checkpoint")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "run.toml").write_bytes(b"iterations = 3\n# \xff\n")
+    code, out, err = run(["train", "--config", str(tmp_path / "run.toml")], capsys)
+    assert_refused(code, out, err, f"cannot parse {str(tmp_path / 'run.toml')!r}: 'utf-8' codec can't decode byte "
+                   "0xff in position 17")

@@ -21,6 +21,7 @@ import importlib
 import io
 import os
 import pickle
+import reprlib
 import shutil
 import tarfile
 import tempfile
@@ -166,6 +167,12 @@ def read_pickle(source: Path | bytes, fn: str, what: str, remedy: str) -> Any:
     if isinstance(value, dict):
         value = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in value.items()}
     return value
+
+
+def describe(value: object) -> str:
+    """A value found where a release file should hold something else, for a message: ``"an int (5)"``."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({reprlib.repr(value)})"
 
 
 def tar_members(archive: Path, wanted: Callable[[str], bool], fn: str, remedy: str) -> Iterator[tuple[str, bytes]]:
