@@ -236,8 +236,6 @@ def _train(args: argparse.Namespace) -> int:
             main = init_distributed(timeout=timeout).is_main
         except DistributedError as err:
             return _fail(prog, str(err))
-    if main:
-        print(f"{prog}: {_describe(config)}", file=sys.stderr)
     from maml_func import system
 
     if getattr(args, "tune_malloc", True):
@@ -281,8 +279,12 @@ def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: b
     from maml_func.train import (MetaStepFailed, MetaStepOutOfMemory, NonFiniteLossError, RunWriteError,
                                  TrainingInterrupted, fit)
 
+    def announce(started: Any) -> None:  # once everything that can be checked is: a refused run prints one line
+        if main:
+            print(f"{prog}: {_describe(started)}", file=sys.stderr)
+
     try:
-        result = fit(config, resume=resume, progress=progress)
+        result = fit(config, resume=resume, progress=progress, on_start=announce)
     except TrainingInterrupted as stop:
         where = stop.checkpoint.parent if stop.checkpoint is not None else config.save_to
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "

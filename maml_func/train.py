@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,6 +365,7 @@ def fit(
     resume: str | Path | Checkpoint | None = None,
     progress: bool = True,
     meta_gradient_fn: Any = None,
+    on_start: Callable[[TrainConfig], object] | None = None,
 ) -> TrainResult:
     """Meta-train as ``config`` says; write checkpoints and metrics to ``config.save_to``.
 
@@ -377,6 +378,11 @@ def fit(
         progress: show a tqdm bar (loss, accuracy, tasks/s).
         meta_gradient_fn: deprecated; replaces :func:`meta_gradient` inside
             :func:`~maml_func.step.train_step` (wrap ``maml_func.step.train_step`` instead).
+        on_start: called with the run's config (``channels`` resolved) once
+            everything that can be checked before training is checked (config,
+            checkpoint, run directory, data, model) and before anything is
+            written: a run refused earlier never calls it. The command line
+            prints its one-line run summary here.
 
     Returns:
         A :class:`TrainResult` (``stopped="time_limit"`` when ``max_minutes`` ran out).
@@ -410,7 +416,7 @@ def fit(
     if meta_gradient_fn is not None:
         warnings.warn("fit: meta_gradient_fn is deprecated; wrap maml_func.step.train_step instead",
                       DeprecationWarning, stacklevel=2)
-        return _with_meta_gradient(meta_gradient_fn, config, resume, progress)
+        return _with_meta_gradient(meta_gradient_fn, config, resume, progress, on_start)
     config.check_paths()
     me = init_distributed() if config.distributed else World()
     if config.meta_batch % me.size:
@@ -425,11 +431,11 @@ def fit(
         saved = resume if isinstance(resume, Checkpoint) else Checkpoint.read(resume, origin="fit")
         check_resume(config, saved, me)
     with _owned(config, saved, me):
-        return _train(config, saved, me, device, progress)
+        return _train(config, saved, me, device, progress, on_start)
 
 
-def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: torch.device,
-           progress: bool) -> TrainResult:
+def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: torch.device, progress: bool,
+           on_start: Callable[[TrainConfig], object] | None) -> TrainResult:
     """:func:`fit` once its arguments and run directory are settled: load, build, loop."""
     run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     with removed_on_failure(config.data_root):  # a refused run leaves no cache or download behind
@@ -455,6 +461,8 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
         files = RunDirectory(run_dir if me.is_main else None, title=_run_title(config))
         run = _Run(config, model, algorithm, sampler, val_sampler, files, me, dtype,
                    state.iteration if in_place else None)
+        if on_start is not None:
+            on_start(config)
         try:
             files.open(config.to_dict(), read_history(saved.path.parent, saved.iteration) if saved else [])
             return _loop(run, state, progress)
@@ -464,7 +472,8 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
             files.close()
 
 
-def _with_meta_gradient(meta_gradient_fn: Any, config: TrainConfig, resume: Any, progress: bool) -> TrainResult:
+def _with_meta_gradient(meta_gradient_fn: Any, config: TrainConfig, resume: Any, progress: bool,
+                        on_start: Callable[[TrainConfig], object] | None) -> TrainResult:
     """``fit`` with ``train_step`` computing its meta-gradient with ``meta_gradient_fn`` (the old seam)."""
     original = _step.meta_gradient
 
@@ -473,7 +482,7 @@ def _with_meta_gradient(meta_gradient_fn: Any, config: TrainConfig, resume: Any,
 
     _step.meta_gradient = patched
     try:
-        return fit(config, resume=resume, progress=progress)
+        return fit(config, resume=resume, progress=progress, on_start=on_start)
     finally:
         _step.meta_gradient = original
 

@@ -33,7 +33,7 @@ def tree(root: Path) -> list[Path]:
 def assert_refused(code: int, out: str, err: str, *needles: str, status: int = 2, after_start: bool = False) -> None:
     """Exit ``status``, nothing on stdout, one error line holding ``needles``.
 
-    ``after_start``: the refusal needed the data, so the run's one-line description was printed before it.
+    ``after_start``: the run had started (its one-line description printed) when it failed.
     """
     assert code == status, err
     lines = err.splitlines()
@@ -85,7 +85,7 @@ def test_a_bad_image_names_the_flag_that_skips_it(tmp_path: Path, capsys: pytest
     flags = [*tiny_flags(data, tmp_path), "--iterations", "1", "--val-every", "0", "--save-to", str(tmp_path / "r")]
     before = tree(tmp_path)
     code, out, err = run(["train", *flags], capsys)
-    assert_refused(code, out, err, "broken.png is not a readable image", "--skip-bad-files", after_start=True)
+    assert_refused(code, out, err, "broken.png is not a readable image", "--skip-bad-files")
     assert tree(tmp_path) == before
     code, _, err = run(["train", *flags, "--skip-bad-files"], capsys)
     assert code == 0, err
@@ -127,7 +127,7 @@ def test_a_task_shape_the_data_cannot_give_leaves_no_cache(flags: list[str], nee
     before = tree(tmp_path)
     code, out, err = run(["train", *tiny_flags(folder, tmp_path), *flags, "--save-to", str(tmp_path / "run")],
                          capsys)
-    assert_refused(code, out, err, *needles, after_start=True)
+    assert_refused(code, out, err, *needles)
     assert tree(tmp_path) == before  # the cache decoded for the check is gone again, and no run directory
 
 
@@ -151,7 +151,7 @@ def test_no_network_leaves_no_data_root(tmp_path: Path, capsys: pytest.CaptureFi
     monkeypatch.chdir(tmp_path)
     code, out, err = run(["train", "--data-root", "fresh", "--device", "cpu", "--save-to", "run", "--no-progress"],
                          capsys)
-    assert code == 1 and err.count("\n") == 2 and "Offline? Pass --source" in err  # the run's line, then the error
+    assert code == 1 and err.count("\n") == 1 and "Offline? Pass --source" in err  # the error only: not started
     assert tree(tmp_path) == []
 
 
@@ -185,7 +185,7 @@ def test_a_second_interrupt_is_one_line(folder: Path, tmp_path: Path, capsys: py
     monkeypatch.setattr(maml_func.train, "fit", impatient)
     code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--save-to", str(tmp_path / "run")], capsys)
     assert code == 130 and out == ""
-    assert err.count("\n") == 2 and err.splitlines()[1].startswith("maml-func train: error: interrupted")
+    assert err.count("\n") == 1 and err.startswith("maml-func train: error: interrupted")
 
 
 # 7. small inaccuracies
@@ -490,3 +490,24 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path, capsys: pytest.
     code, out, err = run(["train", "--config", str(tmp_path / "run.toml")], capsys)
     assert_refused(code, out, err, f"cannot parse {str(tmp_path / 'run.toml')!r}: 'utf-8' codec can't decode byte "
                    "0xff in position 17")
+
+
+# 13. round 3: a refused run prints its error only, never the line that announces a run first
+def test_a_refused_run_prints_one_line_not_the_run_summary_first(folder: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    done = tmp_path / "done"
+    assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "1", "--val-every", "0", "--save-to",
+                str(done)], capsys)[0] == 0
+    before = tree(tmp_path)
+    refused = {  # each needs the data, a checkpoint or the machine to be refused
+        "another task shape": (["--k-shot", "5"], "fewer than k_shot + n_query"),
+        "a release not there": (["--dataset", "miniimagenet"], "holds no miniImageNet release"),
+        "a resume that changes the run": (["--resume", str(done), "--seed", "3"], "cannot resume with a changed seed"),
+    }
+    if not torch.cuda.is_available():
+        refused["no CUDA"] = (["--device", "cuda"], "CUDA is not available here")
+    for flags, needle in refused.values():
+        code, out, err = run(["train", *tiny_flags(folder, tmp_path), *flags, "--iterations", "2",
+                              "--save-to", str(tmp_path / "run")], capsys)
+        assert_refused(code, out, err, needle)
+        assert tree(tmp_path) == before
