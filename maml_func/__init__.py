@@ -7,9 +7,11 @@ tasks in one vectorized pass.
 """
 
 from maml_func.algorithms import ALGORITHMS, MAML, Algorithm, Reptile, build, multi_step_weights
-from maml_func.core import MetaParams, Params, accuracy, combine, forward, params_and_buffers, partition
+from maml_func.core import MetaParams, Params, accuracy, apply_model, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt, adapt_trajectory, lslr, meta_sgd, sgd
-from maml_func.models import MLP, Conv4, ResNet12, TaskBatchNorm
+from maml_func.models import MLP, Conv4, ResNet12
+from maml_func.normalization import BATCH_NORM_POLICIES, TaskBatchNorm, exact_model
+from maml_func.diagnosis import UnsupportedModelError
 from maml_func.sinusoid import sample_sinusoid_tasks
 from maml_func.data import ImageClasses, load_dataset
 from maml_func.tasks import EpisodeSampler, TaskBatch
@@ -19,12 +21,15 @@ from maml_func.batching import map_tasks
 from maml_func.state import Checkpoint, TrainState
 from maml_func.step import meta_gradient, train_step
 from maml_func.train import TrainResult, evaluate_run, fit, load_run
+from maml_func.callbacks import Callback
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Callback",
+    "BATCH_NORM_POLICIES",
     "Checkpoint",
     "MAML",
     "MLP",
@@ -42,14 +47,17 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "UnsupportedModelError",
     "__version__",
     "accuracy",
     "adapt",
     "adapt_trajectory",
+    "apply_model",
     "build",
     "combine",
     "evaluate",
     "evaluate_run",
+    "exact_model",
     "fit",
     "forward",
     "load_dataset",

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 from maml_func import checks
+from maml_func.diagnosis import explain_model_error
 from maml_func.system import auto_tune_malloc
 from maml_func.tasks import TaskBatch
 
@@ -146,6 +147,18 @@ def stack_metrics(metrics: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([m[k] for m in metrics]) for k in metrics[0]}
 
 
+def _per_task_buffers(meta: Any, tasks: int) -> tuple[Any, Any]:
+    """``(meta, in_dims)`` for ``vmap``: ``meta["buffers"]`` given a task axis (views), the rest shared.
+
+    A layer that writes its buffers (BatchNorm's running statistics) writes a
+    per-task value; under ``vmap`` that needs a per-task copy to write into.
+    """
+    if not (isinstance(meta, dict) and isinstance(meta.get("buffers"), dict) and meta["buffers"]):
+        return meta, None
+    buffers = {k: v.expand(tasks, *v.shape) for k, v in meta["buffers"].items()}
+    return {**meta, "buffers": buffers}, {k: 0 if k == "buffers" else None for k in meta}
+
+
 def map_tasks(
     fn: TaskFn,
     meta: Any,
@@ -154,6 +167,8 @@ def map_tasks(
     chunk_size: int | str | None = "auto",
     vectorize: bool = True,
     caller: str = "map_tasks",
+    model: nn.Module | None = None,
+    randomness: str = "different",
 ) -> dict[str, Tensor]:
     """Run a per-task ``fn(meta, xs, ys, xq, yq) -> metrics`` over every task of ``batch``.
 
@@ -168,6 +183,14 @@ def map_tasks(
         vectorize: ``False`` calls ``fn`` task by task in a Python loop (the
             reference the vectorized path is tested against).
         caller: the name that error messages start with (the algorithm's).
+        model: the network ``fn`` runs, named in the message when it cannot
+            run this way (:func:`maml_func.diagnosis.explain_model_error`).
+        randomness: ``vmap``'s: ``"different"`` (default) gives each task its
+            own random draws (Dropout, DropBlock) from torch's global
+            generator; ``"error"`` refuses random operations.
+
+    A ``meta`` dict with a ``"buffers"`` entry (a model's buffers) gives each
+    task its own copy of them, so a layer may update them in place.
 
     Returns:
         ``fn``'s metrics with a leading task axis, e.g. ``{"loss": [T]}``.
@@ -190,13 +213,16 @@ def map_tasks(
             auto_tune_malloc()
             # vmap folds the tasks into the convolutions' channels: this layout makes that fold channels-last.
             batch = TaskBatch(*(tasks_channels_last(t) for t in batch))
-        return vmap(fn, in_dims=(None, 0, 0, 0, 0), chunk_size=chunk)(meta, *batch)
-    except (IndexError, RuntimeError) as err:
+        meta, meta_dims = _per_task_buffers(meta, batch.num_tasks)
+        return vmap(fn, in_dims=(meta_dims, 0, 0, 0, 0), chunk_size=chunk, randomness=randomness)(meta, *batch)
+    except (IndexError, RuntimeError, ValueError, TypeError) as err:
         _explain_labels(caller, batch, err)
+        if model is not None:
+            explain_model_error(caller, model, err, vectorized=vectorize)
         raise
 
 
-def _explain_labels(caller: str, batch: TaskBatch, err: Exception) -> None:
+def _explain_labels(caller: str, batch: TaskBatch, err: BaseException) -> None:
     """Turn a kernel's "target out of bounds" into a message with the fix; looked at only after a failure.
 
     Checking the labels up front would read them on the host every step (a

@@ -42,19 +42,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _option_value(text: str) -> Any:
-    """An ``--algorithm-option`` value: JSON when it parses (numbers, true, null), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _key_value(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, str]:
+    """A ``--model-option`` / ``--algorithm-option`` pair; the config reads the value as its parameter's type."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), _option_value(value)
+    return key.replace("-", "_"), value
 
 
 def _or_none(parse: Any) -> Any:
@@ -128,10 +121,14 @@ def _build_parser() -> _Parser:
 
     train = _command(
         commands, "train", "meta-train on Omniglot or an ImageFolder tree",
-        "Meta-train a Conv4 with MAML (or another algorithm) and write last.pt, best.pt, metrics.jsonl and "
-        "learning_curve.png to the run directory.",
+        "Meta-train a Conv4 (or ResNet-12, or your own network named by import path) with MAML (or another "
+        "algorithm) and write last.pt, best.pt, metrics.jsonl and learning_curve.png to the run directory. "
+        "--model-option and --algorithm-option values are read as the type of the parameter they set (pool=false "
+        "is False).",
         ["maml-func train --preset omniglot-5w1s --iterations 3000 --save-to runs/5w1s",
          "maml-func train --dataset path/to/folders --n-way 5 --k-shot 1 --image-size 32",
+         "maml-func train --dataset path/to/folders --channels 3 --model torchvision.models:resnet18 "
+         "--model-option num_classes=5",
          "maml-func train --resume runs/5w1s --iterations 6000"], argument_default=argparse.SUPPRESS)
     _add_config_flags(train)
     train.add_argument("--resume", metavar="RUN_OR_CKPT",
@@ -146,8 +143,10 @@ def _build_parser() -> _Parser:
     ev = _command(
         commands, "eval", "evaluate a checkpoint (or an untrained model) on held-out classes",
         "The standard few-shot protocol: tasks from held-out classes (600 by default), mean query accuracy with a "
-        "95%% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
-        "classes; without --checkpoint, evaluates a freshly initialized model (the baseline).",
+        "95% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
+        "classes (a network named by import path is rebuilt from it; one given to fit(model=...) is evaluated from "
+        "Python: evaluate_run(RUN, model=...)); without --checkpoint, evaluates a freshly initialized model (the "
+        "baseline).",
         ["maml-func eval --checkpoint runs/5w1s",
          "maml-func eval --checkpoint runs/5w1s/best.pt --tasks 600 --steps 3 --json",
          "maml-func eval --preset omniglot-5w1s           # untrained baseline"], argument_default=argparse.SUPPRESS)
@@ -206,6 +205,7 @@ def _offline_hint(dataset: str) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from maml_func.config import make_config
+    from maml_func.runs import check_buildable
     from maml_func.state import Checkpoint
     from maml_func.train import check_run_directory
 
@@ -221,6 +221,7 @@ def _train(args: argparse.Namespace) -> int:
         if config.save_to is None:
             config = config.replace(save_to=_default_run_dir(config))
         config.check_paths()
+        check_buildable(config, None, "fit")
         check_run_directory(config, resume)
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(prog, str(err))
@@ -275,16 +276,17 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
 
 def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool) -> int:
     from maml_func.atomic import WriteError
+    from maml_func.callbacks import Callback
     from maml_func.distributed import DistributedError
     from maml_func.train import (MetaStepFailed, MetaStepOutOfMemory, NonFiniteLossError, RunWriteError,
                                  TrainingInterrupted, fit)
 
-    def announce(started: Any) -> None:  # once everything that can be checked is: a refused run prints one line
-        if main:
+    class Summary(Callback):  # once everything that can be checked is: a refused run prints its error only
+        def on_start(self, started: Any) -> None:
             print(f"{prog}: {_describe(started)}", file=sys.stderr)
 
     try:
-        result = fit(config, resume=resume, progress=progress, on_start=announce)
+        result = fit(config, callbacks=[Summary()], resume=resume, progress=progress)
     except TrainingInterrupted as stop:
         where = stop.checkpoint.parent if stop.checkpoint is not None else config.save_to
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "
@@ -313,7 +315,7 @@ def _describe(config: Any) -> str:
     return (f"{config.algorithm} on {config.dataset}, {config.n_way}-way {config.k_shot}-shot ({config.n_query} "
             f"query), meta-batch {config.meta_batch}, inner {config.inner_steps}x{config.inner_lr} "
             f"(eval {config.eval_inner_steps}), Adam {config.meta_lr}, {config.iterations} iterations, "
-            f"seed {config.seed}, run directory {config.save_to}")
+            f"seed {config.seed}, model {config.model}, run directory {config.save_to}")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from maml_func import checks
+from maml_func.options import IMPORT_FORM, import_object, is_import_path, parameters, returns, typed_options
 from maml_func.presets import PRESETS
 
-__all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "load_config_file", "make_config", "option"]
+__all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "is_object_model", "load_config_file",
+           "make_config", "object_model_name", "option"]
 
 #: The groups of :class:`TrainConfig`'s fields, in the order the docs and ``--help`` show them.
 GROUPS = ("Data", "Tasks", "Model", "Algorithm", "Optimization", "Output")
@@ -110,6 +112,40 @@ def _device(where: str, name: str, value: Any) -> Any:
     return value
 
 
+def _batch_norm(where: str, name: str, value: Any) -> Any:
+    # Imported here: the config module stays importable without building anything.
+    from maml_func.normalization import BATCH_NORM_POLICIES
+
+    return checks.choice(where, name, value, BATCH_NORM_POLICIES, expect=" or ".join(map(repr, BATCH_NORM_POLICIES)))
+
+
+def object_model_name(model: Any) -> str:
+    """What a config records as its ``model`` when the network was an object given to ``fit(model=...)``.
+
+    Example:
+        >>> import torch
+        >>> object_model_name(torch.nn.Linear(2, 2))
+        '<object torch.nn.modules.linear.Linear>'
+    """
+    return f"<object {type(model).__module__}.{type(model).__qualname__}>"
+
+
+def is_object_model(name: str) -> bool:
+    """Whether a config's ``model`` says the network was an object given to ``fit`` (see :func:`object_model_name`)."""
+    return name.startswith("<object ") and name.endswith(">")
+
+
+def _model(where: str, name: str, value: Any) -> Any:
+    # Imported here: the config module stays importable without building anything.
+    from maml_func.models import MODELS
+
+    checks.text(where, name, value)
+    if value not in MODELS and not is_import_path(value) and not is_object_model(value):
+        checks.fail(where, name, f"one of {sorted(MODELS)}", value,
+                    f"; or your own network as an import path {IMPORT_FORM}")
+    return value
+
+
 def _table(where: str, name: str, value: Any) -> Any:
     if not isinstance(value, Mapping):
         owner = "maml_func.build" if name == "algorithm_options" else "the model"
@@ -166,17 +202,26 @@ class TrainConfig:
                              group="Tasks", check=checks.flag)
     augment: bool = option(False, "augment the meta-training tasks' images on the device: random crop with "
                            "padding and horizontal flip, per task and image", group="Tasks", check=checks.flag)
-    model: str = option("conv4", "the network: conv4 (the MAML paper's) or resnet12 (MetaOptNet's)", group="Model",
-                        check=_text(), metavar="NAME")
-    model_options: dict[str, Any] = option(help="extra keyword arguments for the model (on the command line: "
-                                           "--model-option KEY=VALUE, repeatable), e.g. pool=true for Conv4's "
-                                           "max-pooling blocks", group="Model", check=_table, factory=dict,
+    model: str = option("conv4", "the network: conv4 (the MAML paper's), resnet12 (MetaOptNet's), or your own as "
+                        "an import path package.module:factory (an nn.Module class, or a function annotated to "
+                        "return one), called with the model options only and recorded in the checkpoint so that "
+                        "eval rebuilds it (e.g. torchvision.models:resnet18 with --model-option num_classes=5); "
+                        "its output size must be n_way", group="Model",
+                        check=_model, metavar="NAME|MODULE:FACTORY")
+    model_options: dict[str, Any] = option(help="keyword arguments for the model, each read as the type of the "
+                                           "parameter it sets (on the command line: --model-option KEY=VALUE, "
+                                           "repeatable), e.g. pool=true for Conv4's max-pooling blocks; conv4 and "
+                                           "resnet12 take n_way, channels, image_size and hidden from their own "
+                                           "flags", group="Model", check=_table, factory=dict,
                                            metavar="KEY=VALUE", flag="--model-option")
     hidden: int = option(64, "filters per Conv4 block", group="Model", check=_int(1), metavar="C")
     algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp, "
                             "reptile or imaml", group="Algorithm", check=_text(), metavar="NAME")
-    algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build (on the command "
-                                               "line: --algorithm-option KEY=VALUE, repeatable)",
+    algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build, each read as "
+                                               "the type of the parameter it sets (on the command line: "
+                                               "--algorithm-option KEY=VALUE, repeatable), e.g. vectorize=false; "
+                                               "the inner loop's own flags set inner_lr, inner_steps, first_order, "
+                                               "chunk_size, backprop and batch_norm",
                                                group="Algorithm", check=_table, factory=dict, metavar="KEY=VALUE",
                                                flag="--algorithm-option")
     first_order: bool = option(False, "first-order MAML: detach the inner gradients", group="Algorithm",
@@ -185,6 +230,11 @@ class TrainConfig:
                            "inner loop) or adjoint (only the inner loop's parameters kept, each step recomputed in "
                            "the meta-backward: the memory of one inner step, whatever inner_steps)",
                            group="Algorithm", check=_one_of(_BACKPROPS), metavar="unroll|adjoint")
+    batch_norm: str = option("batch", "how BatchNorm layers normalize: batch (batch statistics at meta-train and "
+                             "meta-test, the MAML convention), running (running statistics accumulated from the "
+                             "meta-batch during meta-training, used in eval mode), per_step (MAML++: running "
+                             "statistics per inner step)", group="Algorithm", check=_batch_norm,
+                             metavar="POLICY")
     inner_lr: float = option(0.4, "inner SGD step size", group="Algorithm", check=_positive(_STEP_HINT),
                              metavar="LR")
     inner_steps: int = option(1, "inner steps at meta-training", group="Algorithm", check=_int(0), metavar="S")
@@ -254,13 +304,11 @@ class TrainConfig:
         from maml_func.algorithms import ALGORITHMS
 
         checks.choice(_WHERE, "algorithm", self.algorithm, ALGORITHMS, expect=f"one of {sorted(ALGORITHMS)}")
-        from maml_func.models import MODELS
-
-        checks.choice(_WHERE, "model", self.model, MODELS, expect=f"one of {sorted(MODELS)}")
-        reserved = {"inner_lr", "inner_steps", "first_order", "chunk_size", "backprop"} & set(self.algorithm_options)
-        if reserved:
-            raise ValueError(f"TrainConfig: algorithm_options {sorted(reserved)} are fields of the config; "
-                             "set them directly (e.g. inner_lr=0.4) instead")
+        # Typed once, here, wherever they came from (flags, a file, Python): "False" for a bool is False.
+        object.__setattr__(self, "model_options", _typed_model_options(self.model, self.model_options))
+        object.__setattr__(self, "algorithm_options", typed_options(
+            _WHERE, "algorithm_options", f"algorithm {self.algorithm!r}", ALGORITHMS[self.algorithm],
+            self.algorithm_options, skip=1, reserved={k: k for k in _ALGORITHM_FIELDS}, closed_by_return=True))
 
     def check_paths(self) -> None:
         """Check that ``dataset`` (unless a named dataset) and ``source`` exist on this machine.
@@ -304,6 +352,44 @@ class TrainConfig:
         """A copy with some fields changed (validated again)."""
         _check_keys(changes, "TrainConfig.replace")
         return dataclasses.replace(self, **changes)
+
+
+# Keyword arguments that build_algorithm takes from the config's fields (the model's: option -> field).
+_MODEL_FIELDS = {"n_way": "n_way", "in_channels": "channels", "image_size": "image_size", "hidden": "hidden"}
+_ALGORITHM_FIELDS = ("inner_lr", "inner_steps", "first_order", "chunk_size", "backprop", "batch_norm")
+
+
+def _typed_model_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` typed by the signature of ``model``'s class or factory (see :mod:`maml_func.options`)."""
+    from maml_func.models import MODELS
+
+    if is_object_model(model):  # the network was an object given to fit: nothing here builds it
+        return dict(options)
+    if model in MODELS:
+        network = MODELS[model]
+        accepted, _ = parameters(network)
+        reserved = {key: name for key, name in _MODEL_FIELDS.items() if key in accepted}
+        return typed_options(_WHERE, "model_options", network.__name__, network, options, reserved=reserved)
+    return typed_options(_WHERE, "model_options", model, _network_factory(model), options)
+
+
+def _network_factory(path: str) -> Callable[..., Any]:
+    """The factory an import path names, if it declares that it makes a network.
+
+    A checkpoint's config names code that ``maml-func eval`` and ``--resume``
+    run: only an ``nn.Module`` class, or a function annotated to return one,
+    is called, never any other function a crafted checkpoint could name.
+    """
+    from torch import nn
+
+    factory = import_object(path, _WHERE, "model")
+    made = returns(factory)
+    if not (isinstance(made, type) and issubclass(made, nn.Module)):
+        name = path.rpartition(":")[2].rpartition(".")[2]
+        raise ValueError(f"{_WHERE}: model {path!r} is neither an nn.Module class nor a function annotated to "
+                         f"return one; annotate the factory (def {name}(...) -> nn.Module): a config or checkpoint "
+                         "names the code that builds the network, so only a declared network factory is called")
+    return factory
 
 
 def describe_default(value: Any) -> str:

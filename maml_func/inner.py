@@ -29,7 +29,7 @@ changes from step to step (Reptile's mini-batches).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,26 +86,31 @@ def sgd(lr: float) -> InnerRule:
 
 
 def _updates(
-    loss_fn: LossFn | IndexedLossFn, params: Params, rule: InnerRule, rule_params: Params | None, steps: int,
-    first_order: bool, indexed: bool,
-) -> Iterator[Params]:
-    """Yield the params after 0, 1, ..., ``steps`` updates."""
+    loss_fn: Callable[..., Any], params: Params, rule: InnerRule, rule_params: Params | None, steps: int,
+    first_order: bool, indexed: bool, state: Params | None,
+) -> Iterator[tuple[Params, Params | None]]:
+    """Yield ``(params, state)`` after 0, 1, ..., ``steps`` updates (``state`` stays ``None`` without one)."""
     checks.integer("adapt", "steps", steps, minimum=0)
     rule_params = rule_params or {}
-    grad_fn = grad(loss_fn)
-    yield params
+    stateful = state is not None
+    grad_fn = grad(loss_fn, has_aux=stateful)
+    yield params, state
     for i in range(steps):
-        grads = grad_fn(params, i) if indexed else grad_fn(params)
+        args = (params, i) if indexed else (params,)
+        if stateful:
+            grads, state = grad_fn(*args, state)
+        else:
+            grads = grad_fn(*args)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         params = rule.step(params, grads, rule_params, i)
-        yield params
+        yield params, state
 
 
 def adapt(
     loss_fn: LossFn | IndexedLossFn, params: Params, *, rule: InnerRule, rule_params: Params | None = None,
-    steps: int = 1, first_order: bool = False, indexed: bool = False,
-) -> Params:
+    steps: int = 1, first_order: bool = False, indexed: bool = False, state: Params | None = None,
+) -> Any:
     """Adapt ``params`` to one task: ``steps`` updates of ``rule`` on ``loss_fn``.
 
     Args:
@@ -118,9 +123,14 @@ def adapt(
         first_order: detach the inner gradients (first-order MAML).
         indexed: ``loss_fn`` takes the step index too, ``(params, i) -> []``,
             so that each step may see other data (a mini-batch per step).
+        state: state threaded through the steps (a model's buffers, see
+            :func:`maml_func.core.apply_model`): ``loss_fn`` then takes it last
+            and returns it updated, ``(params[, i], state) -> (loss, state)``,
+            and the result is ``(params, state)``.
 
     Returns:
-        The adapted params, differentiable w.r.t. ``params`` and ``rule_params``.
+        The adapted params, differentiable w.r.t. ``params`` and ``rule_params``
+        (with ``state``: ``(params, state)``).
 
     Example:
         >>> import torch
@@ -129,21 +139,27 @@ def adapt(
         {'w': tensor(0.7500)}
         >>> adapt(lambda p, i: (i + 1) * p["w"] ** 2, w, rule=sgd(0.25), steps=2, indexed=True)
         {'w': tensor(0.)}
+        >>> adapt(lambda p, s: (p["w"] ** 2, {"n": s["n"] + 1}), w, rule=sgd(0.25), steps=2,
+        ...       state={"n": torch.tensor(0)})
+        ({'w': tensor(0.7500)}, {'n': tensor(2)})
     """
-    *_, last = _updates(loss_fn, params, rule, rule_params, steps, first_order, indexed)
-    return last
+    *_, (last, end) = _updates(loss_fn, params, rule, rule_params, steps, first_order, indexed, state)
+    return last if state is None else (last, end)
 
 
 def adapt_trajectory(
     loss_fn: LossFn | IndexedLossFn, params: Params, *, rule: InnerRule, rule_params: Params | None = None,
-    steps: int = 1, first_order: bool = False, indexed: bool = False,
-) -> list[Params]:
+    steps: int = 1, first_order: bool = False, indexed: bool = False, state: Params | None = None,
+) -> Any:
     """Like :func:`adapt` (same arguments), but return the params after each of 0..``steps`` updates.
 
     Used for the accuracy after each inner step in evaluation and for the
-    multi-step loss of MAML++. Returns a list of ``steps + 1`` dicts.
+    multi-step loss of MAML++. Returns a list of ``steps + 1`` dicts (with
+    ``state``: ``(that list, the state after the last step)``).
     """
-    return list(_updates(loss_fn, params, rule, rule_params, steps, first_order, indexed))
+    path = list(_updates(loss_fn, params, rule, rule_params, steps, first_order, indexed, state))
+    params_path = [p for p, _ in path]
+    return params_path if state is None else (params_path, path[-1][1])
 
 
 def _rates(fn: str, rule_params: Params, params: Params) -> None:

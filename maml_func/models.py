@@ -3,14 +3,12 @@
 They work outside the library like any module; the library only calls them
 through ``functional_call`` with parameter dicts.
 
-Normalization is :class:`TaskBatchNorm`: batch statistics of the current call
-at train *and* test time, no running statistics (the transductive setting of
-the original MAML; in-place running-stat updates cannot run under ``vmap``).
-It calls ``F.batch_norm`` *without* affine weights and applies its own scale and
-shift, because ``vmap`` of the double backward of ``F.batch_norm`` with affine
-weights gives wrong meta-gradients in torch 2.x (see docs/design.md, "BatchNorm
-under vmap", and pytorch/functorch#534); without them the vmapped meta-gradient
-matches a per-task loop to rounding error.
+Normalization is :class:`~maml_func.normalization.TaskBatchNorm`: batch
+statistics of the current call at train *and* test time, no running statistics
+by default (the transductive setting of the original MAML; the ``batch_norm``
+policy of the algorithms can add them). It applies its scale and shift outside
+``F.batch_norm``, which keeps the vmapped second-order meta-gradient exact
+(:mod:`maml_func.normalization` says why).
 """
 
 from __future__ import annotations
@@ -23,40 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_func import checks
+from maml_func.normalization import TaskBatchNorm
 
 __all__ = ["MODELS", "Conv4", "DropBlock", "MLP", "ResNet12", "TaskBatchNorm", "build_model"]
-
-
-class TaskBatchNorm(nn.Module):
-    """Batch normalization over ``dim=0`` and all spatial dims, batch statistics only.
-
-    ``[B, C, *spatial] -> [B, C, *spatial]``; biased variance as in ``nn.BatchNorm2d``.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
-        super().__init__()
-        self.num_features, self.eps = num_features, eps
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # The fused kernel normalizes without affine weights (its vmapped double
-        # backward is exact that way, unlike with them), and the scale and shift
-        # follow as one fused multiply-add: fewer full-size passes than the same
-        # maths in plain ops, and every pass (with its backward and double
-        # backward) costs memory bandwidth.
-        normed = F.batch_norm(x, None, None, training=True, eps=self.eps)
-        if self.weight is None:
-            return normed
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(self.bias.view(shape), normed, self.weight.view(shape))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
 
 
 def _positive(where: str, **sizes: int) -> None:
@@ -64,8 +31,14 @@ def _positive(where: str, **sizes: int) -> None:
         checks.integer(where, name, value, minimum=1, expect="a positive int")
 
 
-def _check_images(where: str, x: Tensor, in_channels: int, image_size: int) -> None:
+def _check_images(where: str, x: Tensor, in_channels: int, image_size: int | None) -> None:
+    """Refuse images of the wrong shape; ``image_size=None``: any square or not at least 16 pixels a side."""
     # Shapes are known without looking at the data: checking them costs nothing, even under vmap.
+    if image_size is None:
+        if x.dim() != 4 or x.shape[1] != in_channels or min(x.shape[-2:]) < 16:
+            raise ValueError(f"{where}: expected images [B, {in_channels}, H, W] with H, W >= 16, got "
+                             f"{list(x.shape)}; build {where}(in_channels=...) for these images")
+        return
     if x.dim() != 4 or tuple(x.shape[1:]) != (in_channels, image_size, image_size):
         raise ValueError(f"{where}: expected images [B, {in_channels}, {image_size}, {image_size}], got "
                          f"{list(x.shape)}; build {where}(in_channels=..., image_size=...) for these images, or "
@@ -118,12 +91,10 @@ class DropBlock(nn.Module):
     ``[B, C, H, W] -> [B, C, H, W]``. Active only while ``self.training`` and
     ``drop_rate > 0``; otherwise the identity, with no random draw at all.
 
-    Randomness: the patch centres come from torch's random number generator.
-    Under ``torch.func.vmap`` a random draw needs ``randomness="different"``
-    (or ``"same"``); the library's vectorized tasks map without it, so a model
-    with DropBlock on is meta-trained with ``vectorize=False`` (the per-task
-    loop), seeded by the run's seed, or vmapped by the caller with
-    ``randomness="different"``.
+    Randomness: the patch centres come from torch's global random number
+    generator; the library's ``vmap`` over tasks draws them separately for
+    every task (``randomness="different"``), and a training run seeds and
+    checkpoints that generator, so runs repeat and resume exactly.
     """
 
     def __init__(self, drop_rate: float = 0.0, block_size: int = 5) -> None:
@@ -183,6 +154,10 @@ class ResNet12(nn.Module):
     everywhere in the library, so the vmapped second-order meta-gradient is
     exact (docs/design.md, "BatchNorm under vmap").
 
+    It takes images of any size of at least 16 pixels a side (the features are
+    pooled globally); ``image_size`` names the usual one (84) and is checked
+    only to be at least 16.
+
     ``drop_rate > 0`` adds :class:`DropBlock` (``dropblock_size`` squares) after
     the last two blocks, as MetaOptNet does; off by default, and then the
     network has no random operation.
@@ -214,7 +189,8 @@ class ResNet12(nn.Module):
         self.in_channels, self.image_size, self.widths = in_channels, image_size, tuple(widths)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images("ResNet12", x, self.in_channels, self.image_size)
+        # Global average pooling: any image size with four halvings works (image_size only documents the usual one).
+        _check_images("ResNet12", x, self.in_channels, None)
         return self.head(self.features(x).mean(dim=(-2, -1)))
 
 

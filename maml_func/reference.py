@@ -85,8 +85,9 @@ def loop_task_losses(
     adapted weights on the query set with ``loss_fn``.
 
     Args:
-        model: the network, used only as a template through ``functional_call``
-            (its buffers, if any, are its own).
+        model: the network, used only as a template through ``functional_call``;
+            each task runs on its own copy of the model's buffers, threaded
+            through its forwards.
         params: the meta-parameters, ``{name: tensor}``; the result is
             differentiable with respect to them.
         batch: ``T`` tasks (see the module docstring for shapes).
@@ -113,19 +114,25 @@ def loop_task_losses(
     losses = []
     for xs, ys, xq, yq in zip(*batch):
         fast = [params[n] for n in names]
+        # Each task its own copy of the buffers, threaded through its forwards (the template is never written).
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+
+        def run(x: Tensor) -> Tensor:
+            return functional_call(model, (dict(zip(names, fast)), buffers), (x,))
+
         task_loss: Tensor | float = 0.0
         for step in range(steps):
-            support = loss_fn(functional_call(model, dict(zip(names, fast)), (xs,)), ys)
+            support = loss_fn(run(xs), ys)
             grads = torch.autograd.grad(support, fast, create_graph=not first_order)
             if callable(inner_lr):
                 fast = [p - inner_lr(n, step) * g for n, p, g in zip(names, fast, grads)]
             else:
                 fast = [p - inner_lr * g for p, g in zip(fast, grads)]
             if step_weights is not None:
-                query = loss_fn(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
+                query = loss_fn(run(xq), yq)
                 task_loss = task_loss + step_weights[step] * query
         if step_weights is None:
-            task_loss = loss_fn(functional_call(model, dict(zip(names, fast)), (xq,)), yq)
+            task_loss = loss_fn(run(xq), yq)
         losses.append(task_loss)
     return torch.stack(losses)
 

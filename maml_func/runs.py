@@ -1,10 +1,15 @@
 """What a run is made of, and what is done with a finished one.
 
 From a :class:`~maml_func.config.TrainConfig`: the device
-(:func:`resolve_device`), the class splits (:func:`load_splits`), the model and
+(:func:`resolve_device`), the class splits (:func:`load_splits`), the network
+(:func:`build_network`: a shipped one, or a factory named by import path) and
 the algorithm (:func:`build_algorithm`). From a checkpoint: :func:`load_run`
 (the model and meta-parameters, to use in Python) and :func:`evaluate_run`
 (the few-shot evaluation protocol on held-out classes).
+
+A run whose network was an object given to ``fit(model=...)`` records only its
+class: :func:`load_run` and :func:`evaluate_run` then take the network as
+``model=``.
 """
 
 from __future__ import annotations
@@ -21,18 +26,19 @@ from torch import nn
 from maml_func import checks
 from maml_func.algorithms import build
 from maml_func.atomic import removed_on_failure
-from maml_func.config import TrainConfig
+from maml_func.config import TrainConfig, is_object_model
 from maml_func.core import MetaParams
 from maml_func.data import DATASETS, load_dataset
 from maml_func.distributed import World
 from maml_func.evaluate import EvalResult, evaluate
-from maml_func.models import build_model
+from maml_func.models import MODELS, build_model
+from maml_func.options import import_object
 from maml_func.rundir import BEST, LAST
 from maml_func.state import Checkpoint, load_meta
 from maml_func.tasks import EpisodeSampler
 
-__all__ = ["TrainResult", "build_algorithm", "evaluate_run", "load_run", "load_splits", "resolve_device",
-           "task_sampler"]
+__all__ = ["TrainResult", "build_algorithm", "build_network", "check_buildable", "check_outputs",
+           "evaluate_run", "load_run", "load_splits", "resolve_device", "task_sampler"]
 
 
 @dataclass
@@ -41,7 +47,7 @@ class TrainResult:
 
     Attributes:
         config: the run's configuration (``channels`` resolved from the data).
-        model: the template ``Conv4``. algorithm: the algorithm object.
+        model: the template network. algorithm: the algorithm object.
         meta: the meta-parameters after the last iteration.
         iteration: iterations completed.
         best_val_accuracy, best_iteration: best validation accuracy and when (``None`` without validation).
@@ -84,31 +90,92 @@ def resolve_device(name: str, me: World | None = None) -> torch.device:
     return device
 
 
-def build_algorithm(config: TrainConfig, *, in_channels: int | None = None) -> tuple[nn.Module, Any]:
+def check_buildable(config: TrainConfig, model: nn.Module | None, where: str) -> None:
+    """Refuse, before anything is read, a run whose network was an object given to ``fit`` when none is given again.
+
+    Raises:
+        ValueError: naming the network's class and the two ways out.
+    """
+    if model is None and is_object_model(config.model):
+        raise ValueError(f"{where}: the run used a network object given to fit(model=...) "
+                         f"({config.model[len('<object '):-1]}), which a checkpoint cannot rebuild; pass model= (a "
+                         "network of the same architecture) to fit / load_run / evaluate_run, or train with an "
+                         "import path (--model package.module:factory, model='package.module:factory' in the "
+                         "config) so that the checkpoint records how to build it")
+
+
+def build_network(config: TrainConfig, *, in_channels: int | None = None,
+                  where: str = "build_algorithm") -> nn.Module:
+    """The network ``config.model`` names (weights from the global RNG).
+
+    A shipped network (``conv4``, ``resnet12``) is sized by the config
+    (``n_way``, channels, ``image_size``, ``hidden``) and takes
+    ``model_options`` besides; an import path ``package.module:factory`` is
+    called with ``model_options`` only.
+
+    Args:
+        config: the run's configuration.
+        in_channels: image channels of a shipped network (default: ``config.channels``, else 1).
+        where: the caller, for the messages.
+
+    Raises:
+        ValueError: the run's network was an object given to ``fit`` (pass it
+            as ``model=``), or the factory fails or returns no ``nn.Module``.
+
+    Example:
+        >>> build_network(TrainConfig(model="torchvision.models:resnet18",
+        ...                           model_options={"num_classes": 5})).fc.out_features
+        5
+    """
+    check_buildable(config, None, where)
+    if config.model in MODELS:
+        channels = in_channels if in_channels is not None else (config.channels or 1)
+        return build_model(config.model, n_way=config.n_way, in_channels=channels, image_size=config.image_size,
+                           hidden=config.hidden, **config.model_options)
+    factory = import_object(config.model, where, "model")
+    call = f"{config.model}({', '.join(f'{k}={v!r}' for k, v in config.model_options.items())})"
+    try:
+        network = factory(**config.model_options)
+    except Exception as err:  # the user's factory: its error, in one line, with what was called
+        raise ValueError(f"{where}: the model factory call {call} failed: {type(err).__name__}: "
+                         f"{checks.brief(err)}; fix the model options (--model-option KEY=VALUE)") from err
+    if not isinstance(network, nn.Module):
+        raise ValueError(f"{where}: the model factory call {call} returned a {type(network).__name__}, not an "
+                         "nn.Module; name a factory that returns the network")
+    return network
+
+
+def build_algorithm(config: TrainConfig, *, in_channels: int | None = None,
+                    model: nn.Module | None = None) -> tuple[nn.Module, Any]:
     """The model and the algorithm that ``config`` describes (weights from the global RNG).
 
     Args:
         config: the run's configuration.
-        in_channels: image channels (default: ``config.channels``, else 1).
+        in_channels: image channels of a shipped network (default: ``config.channels``, else 1).
+        model: the network to meta-train, instead of the one ``config.model``
+            names; the config gives everything else (algorithm, inner_lr, ...).
 
     Raises:
-        ValueError: when the algorithm rejects the config's options.
+        ValueError: when the network cannot be built (see :func:`build_network`)
+            or the algorithm rejects the config's options.
     """
-    channels = in_channels if in_channels is not None else (config.channels or 1)
-    model = build_model(config.model, n_way=config.n_way, in_channels=channels, image_size=config.image_size,
-                        hidden=config.hidden, **config.model_options)
+    if model is None:
+        model = build_network(config, in_channels=in_channels)
     options: dict[str, Any] = {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps,
                                "chunk_size": config.chunk_size, **config.algorithm_options}
     if config.first_order:
         options["first_order"] = True
     if config.backprop != "unroll":  # only the algorithms with a choice take the option
         options["backprop"] = config.backprop
+    if config.batch_norm != "batch":  # the default policy is every algorithm's own default
+        options["batch_norm"] = config.batch_norm
     try:
         algorithm = build(config.algorithm, model, **options)
     except TypeError as err:
         raise ValueError(f"build_algorithm: algorithm {config.algorithm!r} does not accept these options "
                          f"({err}); remove them from the config") from None
-    return model, algorithm
+    # The network the algorithm runs: the model itself, or its copy in exact form (maml_func.normalization).
+    return algorithm.model, algorithm
 
 
 def load_splits(config: TrainConfig) -> dict[str, Any]:
@@ -148,18 +215,58 @@ def rng_scope(device: torch.device) -> Iterator[None]:
         yield
 
 
+def check_outputs(model: nn.Module, sampler: EpisodeSampler, config: TrainConfig, dtype: torch.dtype,
+                  where: str) -> None:
+    """Refuse a network that does not give ``n_way`` logits per image, from one forward of a support set.
+
+    Run in eval mode without gradients, on a task drawn from a generator of
+    its own: the network's buffers, its mode and every random state are left
+    as they were.
+
+    Raises:
+        ValueError: naming the shapes and the fix (e.g. ``num_classes=5`` for a torchvision model).
+    """
+    x = sampler.sample(1, torch.Generator(device=sampler.device).manual_seed(0)).x_support[0].to(dtype=dtype)
+    shape = f"[{x.shape[0]}, {config.n_way}]"
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as err:  # the user's network: its error, in one line, with the input it was given
+        raise ValueError(f"{where}: the model fails on a support set of images {list(x.shape)} "
+                         f"({type(err).__name__}: {checks.brief(err)}); build it for {x.shape[1]}-channel "
+                         f"{x.shape[2]}x{x.shape[3]} images, or set channels / image_size to what it takes") from err
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{where}: the model returns a {type(out).__name__}, not a tensor of logits {shape}; wrap "
+                         "it in a module whose forward returns the logits")
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"{where}: the model gives outputs of shape {list(out.shape)} for {x.shape[0]} images; "
+                         f"expected logits {shape}")
+    if out.shape[1] != config.n_way:
+        raise ValueError(f"{where}: the model gives {out.shape[1]} outputs per image but the tasks are "
+                         f"{config.n_way}-way; build it with {config.n_way} outputs (e.g. --model-option "
+                         f"num_classes={config.n_way} for a torchvision model), or set n_way to {out.shape[1]}")
+
+
 def _read(checkpoint: str | Path | Checkpoint, origin: str) -> Checkpoint:
     if isinstance(checkpoint, Checkpoint):
         return checkpoint
     return Checkpoint.read(checkpoint, prefer_best=True, origin=origin)
 
 
-def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device | None = "cpu") -> TrainResult:
+def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device | None = "cpu",
+             model: nn.Module | None = None) -> TrainResult:
     """Load a checkpoint (or a run directory's ``best.pt``, else ``last.pt``) for evaluation.
 
     Args:
         checkpoint: a ``.pt`` file, a run directory, or a :class:`~maml_func.state.Checkpoint` already read.
         device: where the meta-parameters go.
+        model: the network, for a run trained with ``fit(model=...)`` (the
+            checkpoint holds its weights, not its code); default: the one the
+            config names. Moved to ``device`` and the run's dtype.
 
     Returns:
         A :class:`TrainResult` with ``config``, ``model``, ``algorithm`` and ``meta``.
@@ -170,7 +277,8 @@ def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device 
     """
     saved = _read(checkpoint, "load_run")
     config = TrainConfig.from_dict(saved.config, origin=f"load_run({str(saved.path)!r})")
-    model, algorithm = build_algorithm(config)
+    check_buildable(config, model, "load_run")
+    model, algorithm = build_algorithm(config, model=model)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device=device, dtype=getattr(torch, config.dtype))
     meta = algorithm.init()
@@ -189,6 +297,7 @@ def evaluate_run(
     batch_size: int = 50,
     seed: int = 0,
     progress: bool = False,
+    model: nn.Module | None = None,
 ) -> EvalResult:
     """The evaluation protocol on a checkpoint's (or a config's) data: tasks from held-out classes.
 
@@ -202,6 +311,9 @@ def evaluate_run(
         classes: ``"test"`` (meta-test classes), ``"val"`` or ``"train"``.
         num_tasks, steps, batch_size, seed, progress: as in :func:`maml_func.evaluate.evaluate`;
             ``steps`` defaults to ``config.eval_inner_steps``.
+        model: the network, for a run trained with ``fit(model=...)`` (the
+            checkpoint holds its weights, not its code); default: the one the
+            config names. Moved to the config's device and dtype.
 
     Returns:
         An :class:`~maml_func.evaluate.EvalResult`.
@@ -222,14 +334,16 @@ def evaluate_run(
         assert saved is not None
         config = TrainConfig.from_dict(saved.config, origin=f"evaluate_run({str(saved.path)!r})")
     config.check_paths()
+    check_buildable(config, model, "evaluate_run")  # before any data is read
     device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
     with removed_on_failure(config.data_root):  # a refused evaluation leaves no cache or download behind
         splits = load_splits(config)
         sampler = task_sampler(config, splits, classes, device, "evaluate_run")
     with rng_scope(device):
         torch.manual_seed(config.seed)
-        model, algorithm = build_algorithm(config, in_channels=int(splits[classes].images.shape[2]))
+        model, algorithm = build_algorithm(config, in_channels=int(splits[classes].images.shape[2]), model=model)
         model.to(device=device, dtype=dtype)
+        check_outputs(model, sampler, config, dtype, "evaluate_run")
         meta = algorithm.init()
     if saved is not None:
         load_meta(meta, saved.state["meta"], "evaluate_run")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from maml_func import checks
+from maml_func.algorithms.base import merge_buffers
 from maml_func.core import MetaParams
 from maml_func.distributed import all_reduce_mean, gather_tasks
 from maml_func.state import TrainState
@@ -203,7 +204,9 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float
 
     The meta-gradient of ``batch`` (:func:`meta_gradient`), averaged over the
     ranks with the loss under ``torch.distributed``; then, only if both are
-    finite, the optimizer step at step size ``lr``; and ``state.iteration += 1``.
+    finite, the optimizer step at step size ``lr``; the model's buffers from
+    the tasks' own (:func:`~maml_func.algorithms.base.merge_buffers`, with the
+    ``"running"`` BatchNorm policy); and ``state.iteration += 1``.
 
     Args:
         state: the run's state; changed in place.
@@ -248,6 +251,9 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Any, *, lr: float
         state.optimizer.step()
     else:
         _guarded_step(state.optimizer, guard.record(finite, state.iteration + 1, loss, norm))
+    buffers = merge_buffers(metrics)  # the running BatchNorm policy's statistics of this meta-batch
+    if buffers:
+        state.meta["buffers"].update(buffers)
     state.iteration += 1
     loss = loss.detach().double()
     return {

@@ -1,11 +1,14 @@
 """Meta-training: :func:`fit` runs a :class:`~maml_func.config.TrainConfig` end to end.
 
-One run: load the class splits once onto the device, build ``Conv4`` and the
-algorithm, make the :class:`~maml_func.state.TrainState` (or load it from a
-checkpoint), then repeat {sample a meta-batch, :func:`~maml_func.step.train_step`,
-maybe log / validate / save, maybe stop}. The run directory
-(:class:`~maml_func.rundir.RunDirectory`) receives ``last.pt``, ``best.pt``,
-``metrics.jsonl``, ``learning_curve.png`` and ``config.json``.
+One run: load the class splits once onto the device, build the network (or
+take the one given as ``model=``) and the algorithm, check the network's output
+size on one support set, make the :class:`~maml_func.state.TrainState` (or load
+it from a checkpoint), then repeat {sample a meta-batch,
+:func:`~maml_func.step.train_step`, maybe log / validate / save, maybe stop}.
+The run directory (:class:`~maml_func.rundir.RunDirectory`) receives
+``last.pt``, ``best.pt``, ``metrics.jsonl``, ``learning_curve.png`` and
+``config.json``; the callbacks given to :func:`fit`
+(:class:`~maml_func.callbacks.Callback`) see each record and checkpoint as it is written.
 
 One stop rule ends a run early: a signal (SIGINT/SIGTERM: the iteration
 finishes, ``last.pt`` is saved, :class:`TrainingInterrupted` is raised) or the
@@ -22,7 +25,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,13 +37,14 @@ from maml_func import batching
 from maml_func import step as _step
 from maml_func import checks
 from maml_func.atomic import WriteError, removed_on_failure
-from maml_func.config import PRESETS, TrainConfig, make_config
+from maml_func.callbacks import Callback, check_callbacks
+from maml_func.config import PRESETS, TrainConfig, make_config, object_model_name
 from maml_func.distributed import World, agree, init_distributed, rank_seed
 from maml_func.evaluate import evaluate
 from maml_func.rundir import (BEST, LAST, RunDirectory, RunDirectoryLocked, check_creatable, check_unlocked,
                               checkpoint_path, claimed, read_history)
-from maml_func.runs import (TrainResult, build_algorithm, evaluate_run, load_run, load_splits, resolve_device,
-                            rng_scope, task_sampler)
+from maml_func.runs import (TrainResult, build_algorithm, check_buildable, check_outputs, evaluate_run,
+                            load_run, load_splits, resolve_device, rng_scope, task_sampler)
 from maml_func.state import Checkpoint, TrainState, check_resume
 from maml_func.step import (
     FiniteGuard, MetaStepOutOfMemory, NonFiniteLossError, is_out_of_memory, meta_gradient, meta_lr_at, train_step,
@@ -143,10 +147,31 @@ class _Run:
     world: World
     dtype: torch.dtype
     last_saved: int | None  # the iteration of the run directory's last.pt, None before one is written
+    callbacks: tuple[Callback, ...] = ()
+
+    def start(self) -> None:
+        """Tell the callbacks that the run starts: everything is checked, data and model loaded, nothing written."""
+        if self.world.is_main:
+            for callback in self.callbacks:
+                callback.on_start(self.config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write a record to ``metrics.jsonl`` and show it to the callbacks (``on_log`` or ``on_validation``)."""
+        self.files.log(record)
+        if self.world.is_main:
+            for callback in self.callbacks:
+                (callback.on_validation if record["kind"] == "val" else callback.on_log)(dict(record))
+
+    def save(self, name: str, state: TrainState) -> None:
+        """Write checkpoint ``name`` of ``state`` and tell the callbacks (a collective under torch.distributed)."""
+        path = self.files.save(name, state.to_checkpoint(self.config))
+        if path is not None:
+            for callback in self.callbacks:
+                callback.on_checkpoint(path, state.iteration)
 
     def save_last(self, state: TrainState) -> Path | None:
         if self.last_saved != state.iteration:
-            self.files.save(LAST, state.to_checkpoint(self.config))
+            self.save(LAST, state)
             self.last_saved = state.iteration
         return self.files.file(LAST)
 
@@ -160,12 +185,12 @@ class _Run:
                       steps=config.eval_inner_steps, batch_size=max(1, min(config.meta_batch, config.val_tasks)),
                       generator=torch.Generator(device=device).manual_seed(rank_seed(VAL_SEED, self.world.rank)),
                       distributed=self.world.size > 1)
-        self.files.log({"kind": "val", "iteration": state.iteration, "accuracy": ev.final_accuracy,
-                        "ci95": ev.final_ci95, "loss": ev.loss[-1], "accuracy_per_step": ev.accuracy,
-                        "tasks": ev.num_tasks, "steps": ev.steps, "elapsed_s": elapsed_s, "train_s": train_s})
+        self.log({"kind": "val", "iteration": state.iteration, "accuracy": ev.final_accuracy,
+                  "ci95": ev.final_ci95, "loss": ev.loss[-1], "accuracy_per_step": ev.accuracy,
+                  "tasks": ev.num_tasks, "steps": ev.steps, "elapsed_s": elapsed_s, "train_s": train_s})
         if state.best_val_accuracy is None or ev.final_accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_iteration = ev.final_accuracy, state.iteration
-            self.files.save(BEST, state.to_checkpoint(self.config))
+            self.save(BEST, state)
         self.files.plot()
         return ev.final_accuracy
 
@@ -289,8 +314,8 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
             if due(config.log_every):
                 settle()
                 means = window.means()
-                run.files.log({"kind": "train", "iteration": state.iteration, **means,
-                               "meta_lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - t0})
+                run.log({"kind": "train", "iteration": state.iteration, **means,
+                         "meta_lr": state.optimizer.param_groups[0]["lr"], "elapsed_s": time.monotonic() - t0})
                 bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{100 * means['accuracy']:.1f}%", val=val_text,
                                 tasks_s=f"{means['tasks_per_s']:.0f}")
                 window.reset()
@@ -362,15 +387,29 @@ def _owned(config: TrainConfig, saved: Checkpoint | None, me: World) -> Iterator
 def fit(
     config: TrainConfig,
     *,
+    model: torch.nn.Module | None = None,
+    callbacks: Sequence[Callback] = (),
     resume: str | Path | Checkpoint | None = None,
     progress: bool = True,
     meta_gradient_fn: Any = None,
-    on_start: Callable[[TrainConfig], object] | None = None,
 ) -> TrainResult:
     """Meta-train as ``config`` says; write checkpoints and metrics to ``config.save_to``.
 
     Args:
         config: the run (see :class:`~maml_func.config.TrainConfig`, :func:`make_config`).
+        model: your network, meta-trained instead of the one ``config.model``
+            names (the config gives everything else: algorithm, inner_lr, ...).
+            It must give ``n_way`` logits per image. What runs is ``model``
+            itself, or its copy with normalization layers in exact form where
+            it has some (:func:`~maml_func.normalization.exact_model`); that
+            network moves to the run's device and dtype like a built one and
+            is ``result.model``. The run's config records its
+            class, not its code: load the run back with ``load_run(RUN,
+            model=...)`` / ``evaluate_run(RUN, model=...)``, and resume it
+            with the same ``model=``.
+        callbacks: :class:`~maml_func.callbacks.Callback` objects, called at
+            each line of metrics, validation and checkpoint with the records of
+            ``metrics.jsonl``.
         resume: a run directory or checkpoint (or a :class:`~maml_func.state.Checkpoint`
             already read) to continue exactly. ``config`` must equal the
             checkpoint's config except for the fields in
@@ -378,11 +417,6 @@ def fit(
         progress: show a tqdm bar (loss, accuracy, tasks/s).
         meta_gradient_fn: deprecated; replaces :func:`meta_gradient` inside
             :func:`~maml_func.step.train_step` (wrap ``maml_func.step.train_step`` instead).
-        on_start: called with the run's config (``channels`` resolved) once
-            everything that can be checked before training is checked (config,
-            checkpoint, run directory, data, model) and before anything is
-            written: a run refused earlier never calls it. The command line
-            prints its one-line run summary here.
 
     Returns:
         A :class:`TrainResult` (``stopped="time_limit"`` when ``max_minutes`` ran out).
@@ -410,14 +444,25 @@ def fit(
         >>> result = fit(make_config(preset="omniglot-5w1s", iterations=2000, save_to="runs/5w1s"))  # doctest: +SKIP
         >>> result.best_val_accuracy  # doctest: +SKIP
         0.95
+        >>> import torchvision  # doctest: +SKIP
+        >>> fit(make_config(dataset="path/to/folders", channels=3, image_size=32),  # doctest: +SKIP
+        ...     model=torchvision.models.resnet18(num_classes=5))
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"fit: config must be a TrainConfig (see make_config), got {type(config).__name__}")
+    callbacks = check_callbacks(callbacks, "fit")
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"fit: model must be an nn.Module, got {type(model).__name__}; pass the network object "
+                            "(or leave it out and name one in config.model)")
+        # The checkpoint records the class: a Python object cannot be rebuilt from a config.
+        config = config.replace(model=object_model_name(model), model_options={})
     if meta_gradient_fn is not None:
         warnings.warn("fit: meta_gradient_fn is deprecated; wrap maml_func.step.train_step instead",
                       DeprecationWarning, stacklevel=2)
-        return _with_meta_gradient(meta_gradient_fn, config, resume, progress, on_start)
+        return _with_meta_gradient(meta_gradient_fn, config, resume, progress, model, callbacks)
     config.check_paths()
+    check_buildable(config, model, "fit")
     me = init_distributed() if config.distributed else World()
     if config.meta_batch % me.size:
         raise ValueError(f"fit: meta_batch={config.meta_batch} does not split evenly over {me.size} ranks; "
@@ -431,11 +476,11 @@ def fit(
         saved = resume if isinstance(resume, Checkpoint) else Checkpoint.read(resume, origin="fit")
         check_resume(config, saved, me)
     with _owned(config, saved, me):
-        return _train(config, saved, me, device, progress, on_start)
+        return _train(config, saved, me, device, progress, model, callbacks)
 
 
 def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: torch.device, progress: bool,
-           on_start: Callable[[TrainConfig], object] | None) -> TrainResult:
+           model: torch.nn.Module | None, callbacks: tuple[Callback, ...]) -> TrainResult:
     """:func:`fit` once its arguments and run directory are settled: load, build, loop."""
     run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     with removed_on_failure(config.data_root):  # a refused run leaves no cache or download behind
@@ -446,8 +491,9 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
     dtype = getattr(torch, config.dtype)
     with rng_scope(device):
         torch.manual_seed(config.seed)
-        model, algorithm = build_algorithm(config)
+        model, algorithm = build_algorithm(config, model=model)
         model.to(device=device, dtype=dtype)
+        check_outputs(model, sampler, config, dtype, "fit")
         meta = algorithm.init()
         # capturable on CUDA: Adam's step counts live on the device, so the finiteness guard never reads them back.
         optimizer = torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr,
@@ -460,9 +506,8 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
         in_place = saved is not None and run_dir is not None and saved.path.resolve() == (run_dir / LAST).resolve()
         files = RunDirectory(run_dir if me.is_main else None, title=_run_title(config))
         run = _Run(config, model, algorithm, sampler, val_sampler, files, me, dtype,
-                   state.iteration if in_place else None)
-        if on_start is not None:
-            on_start(config)
+                   state.iteration if in_place else None, callbacks)
+        run.start()
         try:
             files.open(config.to_dict(), read_history(saved.path.parent, saved.iteration) if saved else [])
             return _loop(run, state, progress)
@@ -473,7 +518,7 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
 
 
 def _with_meta_gradient(meta_gradient_fn: Any, config: TrainConfig, resume: Any, progress: bool,
-                        on_start: Callable[[TrainConfig], object] | None) -> TrainResult:
+                        model: torch.nn.Module | None, callbacks: Sequence[Callback]) -> TrainResult:
     """``fit`` with ``train_step`` computing its meta-gradient with ``meta_gradient_fn`` (the old seam)."""
     original = _step.meta_gradient
 
@@ -482,7 +527,7 @@ def _with_meta_gradient(meta_gradient_fn: Any, config: TrainConfig, resume: Any,
 
     _step.meta_gradient = patched
     try:
-        return fit(config, resume=resume, progress=progress, on_start=on_start)
+        return fit(config, model=model, callbacks=callbacks, resume=resume, progress=progress)
     finally:
         _step.meta_gradient = original
 

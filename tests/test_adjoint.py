@@ -191,11 +191,11 @@ def test_adjoint_trajectory_has_unrolled_values_and_every_step():
     algo = MAML(model, inner_lr=LR, inner_steps=3)
     meta = algo.init()
     path = algo.trajectory(meta, xs, ys)
-    every = adjoint.adjoint_trajectory(algo._support_loss, meta["model"], {}, xs, ys, rule=sgd(LR), rule_params={},
-                                       steps=3, every_step=True)
+    every, _ = adjoint.adjoint_trajectory(algo._support_loss, meta["model"], {}, xs, ys, rule=sgd(LR),
+                                          rule_params={}, steps=3, every_step=True)
     assert len(every) == 3
     for got, want in zip(every, path[1:]):
         assert all(torch.allclose(got[k], want[k], rtol=1e-13, atol=1e-15) for k in want)
-    (untouched,) = adjoint.adjoint_trajectory(algo._support_loss, meta["model"], {}, xs, ys, rule=sgd(LR),
-                                              rule_params={}, steps=0)
+    (untouched,), _ = adjoint.adjoint_trajectory(algo._support_loss, meta["model"], {}, xs, ys, rule=sgd(LR),
+                                                 rule_params={}, steps=0)
     assert all(untouched[k] is meta["model"][k] for k in meta["model"])

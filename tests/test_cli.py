@@ -118,6 +118,10 @@ BAD_TRAIN = {
     "unknown algorithm": (["--algorithm", "protonet"], "algorithm must be one of"),
     "bad algorithm option": (["--algorithm-option", "inner_lr=1"], "are fields of the config"),
     "zero tasks per backward": (["--tasks-per-backward", "0"], "tasks_per_backward must be an int >= 1, got 0"),
+    "model option not a bool": (["--model-option", "pool=False!"], "pool='False!' is not valid: pool of Conv4 takes "
+                                                                   "true or false"),
+    "model option set by a flag": (["--model-option", "hidden=32"], "set them with --hidden instead"),
+    "unknown model module": (["--model", "nosuch.nets:cnn"], "no module named 'nosuch.nets' can be imported"),
 }
 
 

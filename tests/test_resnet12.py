@@ -15,7 +15,7 @@ from maml_func.evaluate import evaluate
 from maml_func.models import DropBlock, ResNet12, build_model
 from maml_func.reference import loop_meta_grad
 from maml_func.runs import build_algorithm
-from maml_func.tasks import EpisodeSampler, crop_and_flip
+from maml_func.tasks import EpisodeSampler, TaskBatch, crop_and_flip
 
 WIDTHS = (4, 6, 8, 8)
 
@@ -51,8 +51,11 @@ def test_architecture_names_and_options() -> None:
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match=r"ResNet12: widths must be four ints"):
         ResNet12(widths=(8, 8, 8))
+    assert ResNet12(image_size=32, widths=WIDTHS)(torch.zeros(1, 3, 28, 20)).shape == (1, 5)  # pooled globally
     with pytest.raises(ValueError, match="ResNet12: expected images"):
-        ResNet12(image_size=32)(torch.zeros(1, 3, 28, 28))
+        ResNet12(image_size=32)(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"ResNet12: expected images \[B, 3, H, W\] with H, W >= 16"):
+        ResNet12(image_size=32)(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="build_model: resnet12 does not accept these options"):
         build_model("resnet12", n_way=5, in_channels=3, image_size=84, pool=True)
 
@@ -72,9 +75,35 @@ def test_dropblock_is_off_by_default_and_explicit_when_on() -> None:
     assert 0.15 < float((dropped == 0).float().mean()) < 0.45 and torch.allclose(dropped.mean(), torch.tensor(1.0),
                                                                                     atol=0.05)
     assert torch.equal(drop.eval()(features), features) and torch.equal(DropBlock(0.0)(features), features)
-    with pytest.raises(RuntimeError, match="randomness"):
-        vmap(lambda y: dropping(y))(x[None])
     assert vmap(lambda y: dropping(y), randomness="different")(x[None]).shape == (1, 2, 5)
+
+
+def test_dropblock_trains_vectorized_with_its_own_draws_per_task_and_repeats_under_a_seed() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = (255 * torch.rand(6, 4, 3, 16, 16, generator=g)).to(torch.uint8)
+    sampler = EpisodeSampler(ImageClasses(images, torch.full((6,), 4), [f"c{i}" for i in range(6)]), n_way=3,
+                             k_shot=1, n_query=2)
+    batch = sampler.sample(4, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    dropping = ResNet12(n_way=3, in_channels=3, image_size=16, widths=WIDTHS, drop_rate=0.3, dropblock_size=2)
+    maml = MAML(dropping, inner_lr=0.1, chunk_size=None)
+    meta = maml.init()
+
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        loss, metrics = maml.meta_loss(meta, batch)
+        (grad,) = torch.autograd.grad(loss, [meta["model"]["head.weight"]])
+        return metrics["loss"], grad
+
+    first, grad = run(3)
+    again, grad_again = run(3)
+    other, _ = run(4)
+    assert torch.equal(first, again) and torch.equal(grad, grad_again) and torch.isfinite(grad).all()
+    assert not torch.equal(first, other), "the draws follow the global generator"
+    twins = TaskBatch(*(t[:1].expand(2, *t.shape[1:]) for t in batch))  # the same task twice: different draws
+    torch.manual_seed(3)
+    _, metrics = maml.meta_loss(meta, twins)
+    assert metrics["loss"][0] != metrics["loss"][1]
 
 
 def test_evaluation_turns_dropblock_off_and_restores_the_mode() -> None:

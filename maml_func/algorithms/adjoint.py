@@ -76,8 +76,9 @@ __all__ = ["BACKPROPS", "SupportLoss", "adjoint_trajectory"]
 #: autograd's record of the unrolled inner loop, or by the adjoint recursion.
 BACKPROPS = ("unroll", "adjoint")
 
-#: ``(params, x, y) -> []``: the support loss of one task as a pure function of its arguments.
-SupportLoss = Callable[[Params, Tensor, Tensor], Tensor]
+#: ``(params, buffers, x, y) -> ([], buffers)``: the support loss of one task as a pure function of its
+#: arguments, and the model's buffers after its forward (:func:`maml_func.core.apply_model`).
+SupportLoss = Callable[[Params, Params, Tensor, Tensor], tuple[Tensor, Params]]
 #: ``U_s(phi, frozen, rule_params) -> phi_next``: one inner update as a pure function.
 Update = Callable[[Params, Params, Params], Params]
 
@@ -94,32 +95,39 @@ class _InnerLoop:
     adapted: tuple[str, ...]
     frozen: tuple[str, ...]
     rates: tuple[str, ...]
+    buffers: tuple[str, ...]
 
     @property
     def starts(self) -> list[int]:
         """The steps whose parameters the forward keeps for the backward: where its segments start."""
         return list(range(0, self.steps, 1 if self.every_step else self.checkpoint_every))
 
-    def unpack(self, flat: Sequence[Tensor]) -> tuple[Params, Params, Params]:
-        a, f = len(self.adapted), len(self.frozen)
-        return (dict(zip(self.adapted, flat[:a])), dict(zip(self.frozen, flat[a:a + f])),
-                dict(zip(self.rates, flat[a + f:])))
+    def unpack(self, flat: Sequence[Tensor]) -> tuple[Params, Params, Params, Params]:
+        sizes = [len(self.adapted), len(self.frozen), len(self.rates), len(self.buffers)]
+        names = [self.adapted, self.frozen, self.rates, self.buffers]
+        out, i = [], 0
+        for n, size in zip(names, sizes):
+            out.append(dict(zip(n, flat[i:i + size])))
+            i += size
+        return out[0], out[1], out[2], out[3]
 
-    def objective(self, adapted: Params, frozen: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(combine(adapted, frozen), x, y)
+    def objective(self, adapted: Params, frozen: Params, state: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Params]:
+        return self.loss_fn(combine(adapted, frozen), state, x, y)
 
-    def advance(self, phi: Params, frozen: Params, rates: Params, x: Tensor, y: Tensor, start: int,
-                stop: int) -> list[Params]:
-        """``phi_start .. phi_stop`` from ``phi = phi_start``, no graph (the rule sees the global step index)."""
-        path = [phi]
+    def advance(self, phi: Params, frozen: Params, rates: Params, state: Params, x: Tensor, y: Tensor, start: int,
+                stop: int) -> list[tuple[Params, Params]]:
+        """``(phi, state)`` at ``start .. stop`` from ``phi_start``, no graph (the rule sees the global step index)."""
+        path = [(phi, state)]
         for s in range(start, stop):
-            phi = self.rule.step(phi, grad(self.objective)(phi, frozen, x, y), rates, s)
-            path.append(phi)
+            grads, state = grad(self.objective, has_aux=True)(phi, frozen, state, x, y)
+            phi = self.rule.step(phi, grads, rates, s)
+            path.append((phi, state))
         return path
 
-    def update(self, s: int, x: Tensor, y: Tensor) -> Update:
+    def update(self, s: int, state: Params, x: Tensor, y: Tensor) -> Update:
         def step(phi: Params, frozen: Params, rates: Params) -> Params:
-            return self.rule.step(phi, grad(self.objective)(phi, frozen, x, y), rates, s)
+            grads, _ = grad(self.objective, has_aux=True)(phi, frozen, state, x, y)
+            return self.rule.step(phi, grads, rates, s)
 
         return step
 
@@ -140,59 +148,71 @@ def _plus(acc: Params, extra: Params) -> Params:
 
 
 class _AdjointInnerLoop(torch.autograd.Function):
-    """One task: ``(loop, xs, ys, *adapted, *frozen, *rates) -> (phi_S or phi_1 .. phi_S, *kept)``, flattened.
+    """One task: ``(loop, xs, ys, *adapted, *frozen, *rates, *buffers) -> (phi_S or phi_1 .. phi_S, *kept, *state_S)``.
 
-    ``kept`` are the parameters at the segment starts after step 0 (see
-    ``checkpoint_every``), outputs only so that ``setup_context`` may save
-    them (``torch.func`` saves inputs and outputs only), marked
-    non-differentiable; with ``every_step`` the outputs already hold them.
+    ``kept`` are the parameters and buffers at the segment starts after step 0
+    (see ``checkpoint_every``), outputs only so that ``setup_context`` may
+    save them (``torch.func`` saves inputs and outputs only); with
+    ``every_step`` the outputs already hold the parameters. ``state_S`` are
+    the buffers after the last step. Both are marked non-differentiable.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(loop: _InnerLoop, xs: Tensor, ys: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
-        adapted, frozen, rates = loop.unpack(flat)
-        path = loop.advance(adapted, frozen, rates, xs, ys, 0, loop.steps)
-        if loop.every_step:
-            return tuple(t for phi in path[1:] for t in phi.values())
-        kept = (t.clone() for s in loop.starts[1:] for t in path[s].values())
-        return (*path[-1].values(), *kept)
+        adapted, frozen, rates, state = loop.unpack(flat)
+        path = loop.advance(adapted, frozen, rates, state, xs, ys, 0, loop.steps)
+        outputs = [t for phi, _ in path[1:] for t in phi.values()] if loop.every_step else list(path[-1][0].values())
+        later = loop.starts[1:]
+        if not loop.every_step:
+            outputs += [t.clone() for s in later for t in path[s][0].values()]
+        outputs += [t.clone() for s in later for t in path[s][1].values()]
+        return (*outputs, *(t.clone() for t in path[-1][1].values()))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         loop, xs, ys, *flat = inputs
         ctx.loop = loop
         ctx.set_materialize_grads(False)
-        kept = output if loop.every_step else output[len(loop.adapted):]
-        if not loop.every_step:
-            ctx.mark_non_differentiable(*kept)
-        ctx.save_for_backward(xs, ys, *flat, *kept)
+        first_kept = loop.steps * len(loop.adapted) if loop.every_step else len(loop.adapted)
+        ctx.mark_non_differentiable(*output[first_kept:])
+        ctx.save_for_backward(xs, ys, *flat, *output[0 if loop.every_step else first_kept:])
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         loop: _InnerLoop = ctx.loop
         xs, ys, *saved = ctx.saved_tensors
-        a, n_in = len(loop.adapted), len(loop.adapted) + len(loop.frozen) + len(loop.rates)
-        adapted, frozen, rates = loop.unpack(saved[:n_in])
-        kept = [dict(zip(loop.adapted, saved[i:i + a])) for i in range(n_in, len(saved), a)]
-        # phi at each segment start: phi_0, then what the forward kept (with every_step, phi_1 .. phi_S)
-        starts = dict(zip(loop.starts, [adapted, *kept]))
+        a, b = len(loop.adapted), len(loop.buffers)
+        n_in = a + len(loop.frozen) + len(loop.rates) + b
+        adapted, frozen, rates, state = loop.unpack(saved[:n_in])
+        later = len(loop.starts) - 1
+        params_kept = saved[n_in:]
+        if loop.every_step:  # phi_1 .. phi_S: the starts after 0 are phi_1 .. phi_{S-1}
+            params_kept = params_kept[:later * a]
+        states_kept = saved[n_in + (loop.steps * a if loop.every_step else later * a):][:later * b]
+        kept_phi = [dict(zip(loop.adapted, params_kept[i * a:(i + 1) * a])) for i in range(later)]
+        kept_state = [dict(zip(loop.buffers, states_kept[i * b:(i + 1) * b])) for i in range(later)]
+        # (phi, buffers) at each segment start: step 0's from the inputs, the others as the forward kept them
+        starts = dict(zip(loop.starts, zip([adapted, *kept_phi], [state, *kept_state])))
         # The cotangents arrive for phi_1 .. phi_S with every_step, for phi_S alone otherwise.
         first = 1 if loop.every_step else loop.steps
-        incoming = {first + i: grads[i * a:(i + 1) * a] for i in range(len(grads) // a if loop.every_step else 1)}
+        n_phi = loop.steps if loop.every_step else 1
+        incoming = {first + i: grads[i * a:(i + 1) * a] for i in range(n_phi)}
         v = {k: torch.zeros_like(t) for k, t in adapted.items()}
         d_frozen = {k: torch.zeros_like(t) for k, t in frozen.items()}
         d_rates = {k: torch.zeros_like(t) for k, t in rates.items()}
         v = _receive(v, loop.adapted, incoming.get(loop.steps, ()))
         for start in reversed(loop.starts):
             stop = min(start + (1 if loop.every_step else loop.checkpoint_every), loop.steps)
-            segment = loop.advance(starts[start], frozen, rates, xs, ys, start, stop - 1)
+            phi, buffers = starts[start]
+            segment = loop.advance(phi, frozen, rates, buffers, xs, ys, start, stop - 1)
             for s in range(stop - 1, start - 1, -1):
-                v, df, dr = _reverse_step(loop.update(s, xs, ys), segment[s - start], frozen, rates, v)
+                phi_s, state_s = segment[s - start]
+                v, df, dr = _reverse_step(loop.update(s, state_s, xs, ys), phi_s, frozen, rates, v)
                 d_frozen, d_rates = _plus(d_frozen, df), _plus(d_rates, dr)
                 v = _receive(v, loop.adapted, incoming.get(s, ()))
-        return (None, None, None, *v.values(), *d_frozen.values(), *d_rates.values())
+        return (None, None, None, *v.values(), *d_frozen.values(), *d_rates.values(), *(None,) * b)
 
 
 def _receive(v: Params, names: tuple[str, ...], grads: Sequence[Tensor | None]) -> Params:
@@ -212,7 +232,8 @@ def adjoint_trajectory(
     steps: int,
     every_step: bool = False,
     checkpoint_every: int = 1,
-) -> list[Params]:
+    buffers: Params | None = None,
+) -> tuple[list[Params], Params]:
     """Adapt one task with ``steps`` updates of ``rule``; the backward through the result is the adjoint recursion.
 
     The same values as :func:`maml_func.inner.adapt_trajectory` (second
@@ -222,9 +243,10 @@ def adjoint_trajectory(
     (:func:`maml_func.batching.map_tasks`), chunked or not.
 
     Args:
-        loss_fn: ``(params, x, y) -> []``, the support loss of the full params
-            (adapted and frozen together); a pure function of its arguments
-            (it must not close over tensors that ``vmap`` batches).
+        loss_fn: ``(params, buffers, x, y) -> ([], buffers)``, the support
+            loss of the full params (adapted and frozen together) and the
+            buffers after its forward; a pure function of its arguments (it
+            must not close over tensors that ``vmap`` batches).
         adapted: the initialization of the parameters the inner loop adapts.
         frozen: those it leaves alone (ANIL's body; ``{}`` for MAML).
         x_support, y_support: one task's support set, ``[S, ...]``, ``[S]``.
@@ -250,18 +272,20 @@ def adjoint_trajectory(
         >>> import torch.nn.functional as F
         >>> from maml_func import MLP, forward, sample_sinusoid_tasks, sgd
         >>> model, (xs, ys, xq, yq) = MLP(), (t[0] for t in sample_sinusoid_tasks(1))
-        >>> loss_fn = lambda p, x, y: F.mse_loss(forward(model, p, {}, x), y)
-        >>> (phi,) = adjoint_trajectory(loss_fn, dict(model.named_parameters()), {}, xs, ys, rule=sgd(0.01),
-        ...                             rule_params={}, steps=3)
-        >>> loss_fn(phi, xq, yq).backward()   # the exact second-order gradient, in the model's .grad
+        >>> loss_fn = lambda p, b, x, y: (F.mse_loss(forward(model, p, b, x), y), b)
+        >>> (phi,), _ = adjoint_trajectory(loss_fn, dict(model.named_parameters()), {}, xs, ys, rule=sgd(0.01),
+        ...                                rule_params={}, steps=3)
+        >>> loss_fn(phi, {}, xq, yq)[0].backward()   # the exact second-order gradient, in the model's .grad
     """
+    buffers = buffers or {}
     if steps == 0:  # no inner loop to walk back through
-        return [combine(adapted, frozen)] if not every_step else []
+        return ([combine(adapted, frozen)] if not every_step else []), buffers
     checks.integer("adjoint_trajectory", "checkpoint_every", checkpoint_every, minimum=1, expect="a positive int")
     loop = _InnerLoop(loss_fn, rule, steps, every_step, checkpoint_every, tuple(adapted), tuple(frozen),
-                      tuple(rule_params))
+                      tuple(rule_params), tuple(buffers))
     out = _AdjointInnerLoop.apply(loop, x_support, y_support, *adapted.values(), *frozen.values(),
-                                  *rule_params.values())
-    a = len(adapted)
-    out = out if every_step else out[:a]
-    return [combine(dict(zip(adapted, out[i:i + a])), frozen) for i in range(0, len(out), a)]
+                                  *rule_params.values(), *buffers.values())
+    a, b = len(adapted), len(buffers)
+    final = dict(zip(buffers, out[len(out) - b:]))
+    phis = out[:steps * a] if every_step else out[:a]
+    return [combine(dict(zip(adapted, phis[i:i + a])), frozen) for i in range(0, len(phis), a)], final

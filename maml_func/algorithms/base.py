@@ -5,15 +5,19 @@
 rely on, and nothing else. An algorithm is then put together from public
 pieces, each usable on its own:
 
-- the per-task objective and scores: :func:`task_loss`, :func:`score`,
-  :func:`score_path`;
+- the one per-task call of the model, with its buffers threaded through
+  (:func:`maml_func.core.apply_model`): the objective :func:`model_loss` and
+  the scores :func:`score`, :func:`score_path`, on top of :func:`task_loss`;
+  a task's final buffers travel in its metrics (:func:`with_buffers`) and
+  :func:`merge_buffers` turns the meta-batch's into the next meta-buffers;
 - the inner loop: :func:`maml_func.inner.adapt_trajectory` with an
   :class:`~maml_func.inner.InnerRule`, resolved from the constructor's
   ``inner_lr``/``rule`` by :func:`resolve_rule`;
 - the batching over tasks: :func:`maml_func.batching.map_tasks`, with an
   algorithm's own options by :func:`map_algorithm`, and the evaluation of
   every inner step of a meta-batch, :func:`evaluate_paths`;
-- the checks of the options every algorithm has: :func:`check_options`.
+- the checks of the options every algorithm has, and the model in its exact
+  form for the BatchNorm policy: :func:`check_options`.
 """
 
 from __future__ import annotations
@@ -26,25 +30,35 @@ from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.batching import check_chunk_size, map_tasks, stack_metrics
-from maml_func.core import MetaParams, Params, accuracy, forward, params_and_buffers
+from maml_func.core import MetaParams, Params, accuracy, apply_model, params_and_buffers
 from maml_func.inner import InnerRule, sgd
+from maml_func.normalization import BATCH_NORM_POLICIES, exact_model
 from maml_func.tasks import TaskBatch
 
 __all__ = [
+    "BUFFERS",
     "LOSSES",
     "Algorithm",
     "PlainRuleAlgorithm",
     "Metrics",
     "check_options",
     "evaluate_paths",
+    "init_meta",
     "map_algorithm",
+    "merge_buffers",
     "meta_parameters",
+    "model_loss",
+    "random_layers",
     "resolve_plain_rule",
     "resolve_rule",
     "score",
     "score_path",
     "task_loss",
+    "with_buffers",
 ]
+
+#: The prefix of the metrics that carry a task's buffers after its forwards: ``"buffers.<name>"``.
+BUFFERS = "buffers."
 
 #: Named per-task (or per-task, per-step) results: ``{"loss": ..., "accuracy": ...}``.
 Metrics = dict[str, Tensor]
@@ -120,35 +134,90 @@ def task_loss(loss: str, out: Tensor, target: Tensor) -> Tensor:
     return _LOSS_FNS[checks.choice("task_loss", "loss", loss, LOSSES)](out, target)
 
 
-def score(model: nn.Module, params: Params, x: Tensor, y: Tensor, loss: str) -> Metrics:
-    """``{"loss": [], "accuracy": []}`` of ``model`` run with ``params`` on ``(x, y)``.
+def model_loss(model: nn.Module, loss: str, params: Params, buffers: Params, x: Tensor, y: Tensor, *,
+               double_backward: bool = False) -> tuple[Tensor, Params]:
+    """The objective ``loss`` of ``model`` run with ``params`` and ``buffers`` on ``(x, y)``, and the buffers after.
 
-    Accuracy only for ``loss="cross_entropy"``. The model's buffers are its own.
+    ``(loss [], buffers)``: the support loss of the inner loop (``double_backward``
+    when it is differentiated twice, see :func:`maml_func.core.apply_model`).
     """
-    out = forward(model, params, dict(model.named_buffers()), x)
+    out, buffers = apply_model(model, params, buffers, x, double_backward=double_backward)
+    return task_loss(loss, out, y), buffers
+
+
+def score(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, loss: str) -> tuple[Metrics, Params]:
+    """``({"loss": [], "accuracy": []}, buffers)`` of ``model`` run with ``params`` and ``buffers`` on ``(x, y)``.
+
+    Accuracy only for ``loss="cross_entropy"``; the buffers as the forward left them.
+    """
+    out, buffers = apply_model(model, params, buffers, x)
     metrics = {"loss": task_loss(loss, out, y)}
     if loss == "cross_entropy":
         metrics["accuracy"] = accuracy(out, y)
-    return metrics
+    return metrics, buffers
 
 
-def score_path(model: nn.Module, path: Sequence[Params], x: Tensor, y: Tensor, loss: str) -> Metrics:
-    """:func:`score` of every params along an inner-loop path, stacked: each value ``[len(path)]``."""
-    return stack_metrics([score(model, p, x, y, loss) for p in path])
+def score_path(model: nn.Module, path: Sequence[Params], buffers: Params, x: Tensor, y: Tensor, loss: str) -> Metrics:
+    """:func:`score` of every params along an inner-loop path with the same ``buffers``, stacked: ``[len(path)]``."""
+    return stack_metrics([score(model, p, buffers, x, y, loss)[0] for p in path])
+
+
+def with_buffers(metrics: Metrics, buffers: Params) -> Metrics:
+    """``metrics`` and a task's final ``buffers`` under ``"buffers.<name>"`` (how they leave a per-task function)."""
+    return {**metrics, **{BUFFERS + k: v for k, v in buffers.items()}}
+
+
+def merge_buffers(metrics: Metrics) -> Params:
+    """The meta-batch's buffers from its per-task ones in ``metrics`` (``"buffers.<name>" [T, ...]``).
+
+    The mean over tasks of each floating-point buffer (BatchNorm running
+    statistics: the rule of :mod:`maml_func.normalization`); the largest value
+    of an integer one (a counter such as ``num_batches_tracked``, the same in
+    every task). ``{}`` when the metrics carry none.
+
+    Example:
+        >>> import torch
+        >>> merge_buffers({"loss": torch.zeros(2), "buffers.mean": torch.tensor([[1.0], [3.0]]),
+        ...                "buffers.n": torch.tensor([4, 4])})
+        {'mean': tensor([2.]), 'n': tensor(4)}
+    """
+    merged = {}
+    for key, value in metrics.items():
+        if key.startswith(BUFFERS):
+            name = key[len(BUFFERS):]
+            merged[name] = value.mean(0) if value.is_floating_point() else value.amax(0)
+    return merged
 
 
 def meta_parameters(meta: MetaParams) -> list[Tensor]:
-    """Every meta-learned tensor: the initialization's, then the rule's."""
+    """Every meta-learned tensor: the initialization's, then the rule's (buffers are state, not learned)."""
     return [*meta["model"].values(), *meta["rule"].values()]
 
 
-def check_options(where: str, model: Any, inner_steps: Any, loss: Any, chunk_size: Any) -> None:
-    """Check the options every algorithm has, with ``where`` (the algorithm's name) in each message."""
+def init_meta(model: nn.Module, rule_params: Params) -> MetaParams:
+    """``{"model": params, "rule": rule_params, "buffers": buffers}``: fresh copies, learned leaves with grad."""
+    params, buffers = params_and_buffers(model)
+    return {"model": params,
+            "rule": {k: v.detach().clone().requires_grad_(True) for k, v in rule_params.items()},
+            "buffers": buffers}
+
+
+def check_options(where: str, model: Any, inner_steps: Any, loss: Any, chunk_size: Any,
+                  batch_norm: Any = "batch") -> nn.Module:
+    """Check the options every algorithm has (``where``, the algorithm's name, in each message).
+
+    Returns:
+        The model the algorithm runs: :func:`~maml_func.normalization.exact_model`
+        of ``model`` for the ``batch_norm`` policy (``model`` itself when no
+        layer needs changing).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
     checks.integer(where, "inner_steps", inner_steps, minimum=0)
     checks.choice(where, "loss", loss, LOSSES)
     check_chunk_size(where, chunk_size)
+    checks.choice(where, "batch_norm", batch_norm, BATCH_NORM_POLICIES)
+    return exact_model(model, batch_norm)
 
 
 def resolve_rule(where: str, rule: Any, inner_lr: Any, default_lr: float) -> tuple[InnerRule, float | None]:
@@ -216,26 +285,47 @@ class PlainRuleAlgorithm:
         object.__setattr__(self, "inner_lr", inner_lr)
 
     def init(self) -> MetaParams:
-        """Fresh meta-parameters ``{"model": Params, "rule": {}}``."""
-        params, _ = params_and_buffers(self.model)  # type: ignore[attr-defined]
-        return {"model": params, "rule": {}}
+        """Fresh meta-parameters ``{"model": Params, "rule": {}, "buffers": Params}``."""
+        return init_meta(self.model, {})  # type: ignore[attr-defined]
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer."""
         return meta_parameters(meta)
 
 
-def map_algorithm(algorithm: Algorithm, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch) -> Metrics:
+def map_algorithm(algorithm: Algorithm, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch, *,
+                  randomness: str = "different") -> Metrics:
     """:func:`maml_func.batching.map_tasks` of ``fn(meta, xs, ys, xq, yq)`` with ``algorithm``'s batching options."""
     return map_tasks(fn, meta, batch, chunk_size=algorithm.chunk_size, vectorize=algorithm.vectorize,
-                     caller=type(algorithm).__name__)
+                     caller=type(algorithm).__name__, model=algorithm.model, randomness=randomness)
+
+
+def random_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s layers that draw random numbers in training mode (Dropout with ``p > 0``, DropBlock).
+
+    Example:
+        >>> from torch import nn
+        >>> random_layers(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Dropout(0.0)))
+        ['1']
+    """
+    found = []
+    for name, module in model.named_modules():
+        rate = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else \
+            getattr(module, "drop_rate", None) if type(module).__name__ == "DropBlock" else None
+        if rate:
+            found.append(name)
+    return found
 
 
 def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,
                    path: Callable[[MetaParams, Tensor, Tensor], Sequence[Params]]) -> Metrics:
-    """Query metrics along ``path(meta, x_support, y_support)`` of every task, ``[T, len(path)]`` each."""
+    """Query metrics along ``path(meta, x_support, y_support)`` of every task, ``[T, len(path)]`` each.
+
+    Every point of the path is scored with the meta-buffers (in eval mode the
+    running statistics; the support forwards of the path leave them alone).
+    """
 
     def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-        return score_path(algorithm.model, path(meta, xs, ys), xq, yq, algorithm.loss)
+        return score_path(algorithm.model, path(meta, xs, ys), meta["buffers"], xq, yq, algorithm.loss)
 
     return map_algorithm(algorithm, fn, meta, batch)

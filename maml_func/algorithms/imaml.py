@@ -44,9 +44,9 @@ from torch.func import grad, grad_and_value, vjp
 
 from maml_func import checks
 from maml_func.algorithms.base import (
-    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, task_loss,
+    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, model_loss, random_layers, task_loss,
 )
-from maml_func.core import MetaParams, Params, accuracy, forward
+from maml_func.core import MetaParams, Params, accuracy, apply_model
 from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
@@ -125,6 +125,13 @@ class IMAML(PlainRuleAlgorithm):
         chunk_size: tasks per vectorized chunk; ``None`` = all at once;
             ``"auto"`` (default) as in :class:`~maml_func.MAML`.
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
+        batch_norm: the BatchNorm policy; ``"batch"`` only (batch statistics
+            at meta-train and meta-test): the implicit gradient is taken at
+            the inner solution, with no record of the forwards that running
+            statistics would follow.
+
+    The model's buffers are read as they are in ``meta["buffers"]`` by every
+    forward; writes to them stay inside the task.
 
     Example:
         >>> from maml_func import MLP, build, sample_sinusoid_tasks
@@ -145,11 +152,21 @@ class IMAML(PlainRuleAlgorithm):
     loss: str = "cross_entropy"
     chunk_size: int | str | None = "auto"
     vectorize: bool = True
+    batch_norm: str = "batch"
     _rule: InnerRule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
+        object.__setattr__(self, "model", check_options(name, self.model, self.inner_steps, self.loss,
+                                                        self.chunk_size, self.batch_norm))
+        if self.batch_norm != "batch":
+            raise ValueError(f"{name}: batch_norm={self.batch_norm!r} is not available for iMAML (its meta-gradient "
+                             "is taken at the inner solution, with no record of the forwards that running "
+                             "statistics follow); use batch_norm='batch', or MAML")
+        if random_layers(self.model):
+            raise ValueError(f"{name}: the implicit meta-gradient recomputes the support loss at the inner solution, "
+                             f"where the random layers {random_layers(self.model)[:3]} would draw anew; set their "
+                             "rate to 0, or use MAML")
         checks.number(name, "lam", self.lam, positive=True,
                       hint="; it weighs the proximal term lam/2 ||phi - theta||^2 (the paper uses 0.5 to 2)")
         checks.integer(name, "cg_steps", self.cg_steps, minimum=1, expect="a positive int")
@@ -159,8 +176,8 @@ class IMAML(PlainRuleAlgorithm):
                                           "solution only, not on the path to it)")
 
     # -------------------------------------------------------------- one task
-    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self.loss, forward(self.model, params, dict(self.model.named_buffers()), x), y)
+    def _loss(self, params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
+        return model_loss(self.model, self.loss, params, buffers, x, y, double_backward=not self.first_order)[0]
 
     def trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
@@ -172,9 +189,11 @@ class IMAML(PlainRuleAlgorithm):
         steps = self.inner_steps if steps is None else checks.integer("IMAML", "steps", steps, minimum=0)
         anchor = {k: v.detach() for k, v in meta["model"].items()}
 
+        buffers = meta["buffers"]
+
         def proximal(p: Params) -> Tensor:
             distance = sum((p[k] - anchor[k]).square().sum() for k in p)
-            return self._loss(p, x_support, y_support) + 0.5 * self.lam * distance
+            return self._loss(p, buffers, x_support, y_support) + 0.5 * self.lam * distance
 
         # No gradient flows through the inner loop: the meta-gradient is implicit.
         return adapt_trajectory(proximal, anchor, rule=self._rule, steps=steps, first_order=True)
@@ -183,15 +202,17 @@ class IMAML(PlainRuleAlgorithm):
         """Adapted params for one task (``steps`` defaults to ``inner_steps``)."""
         return self.trajectory(meta, x_support, y_support, steps)[-1]
 
-    def implicit_gradient(self, phi: Params, query_grad: Params, x_support: Tensor, y_support: Tensor) -> Params:
+    def implicit_gradient(self, phi: Params, query_grad: Params, x_support: Tensor, y_support: Tensor,
+                          buffers: Params | None = None) -> Params:
         """``(I + H/lam)^-1 query_grad`` by conjugate gradient, ``H`` the support loss's Hessian at ``phi``.
 
         Each iteration is one Hessian-vector product; shapes of ``phi``. With
-        ``first_order``, ``query_grad`` itself.
+        ``first_order``, ``query_grad`` itself. ``buffers``: the model's (``meta["buffers"]``).
         """
         if self.first_order:
             return query_grad
-        _, hvp = vjp(grad(lambda p: self._loss(p, x_support, y_support)), phi)
+        buffers = buffers or {}
+        _, hvp = vjp(grad(lambda p: self._loss(p, buffers, x_support, y_support)), phi)
 
         def matvec(v: Params) -> Params:
             (hv,) = hvp(v)
@@ -208,8 +229,9 @@ class IMAML(PlainRuleAlgorithm):
         for ``loss="mse"``): the query loss after adaptation, whose gradient
         with respect to ``meta["model"]`` is :meth:`implicit_gradient`'s.
         """
-        names = tuple(meta["model"])
-        out = _ImplicitLoss.apply(self, names, x_support, y_support, x_query, y_query, *meta["model"].values())
+        names, buffers = tuple(meta["model"]), tuple(meta["buffers"])
+        out = _ImplicitLoss.apply(self, (names, buffers), x_support, y_support, x_query, y_query,
+                                  *meta["model"].values(), *meta["buffers"].values())
         metrics = {"loss": out[0]}
         if self.loss == "cross_entropy":
             metrics["accuracy"] = out[1]
@@ -237,7 +259,8 @@ class IMAML(PlainRuleAlgorithm):
 
 
 class _ImplicitLoss(torch.autograd.Function):
-    """One task: ``(imaml, names, xs, ys, xq, yq, *theta) -> (loss, [accuracy], *phi, *query_grad)``.
+    """One task: ``(imaml, (names, buffer names), xs, ys, xq, yq, *theta, *buffers) -> (loss, [accuracy], *phi,
+    *query_grad)``.
 
     ``phi`` and the query gradient are outputs only so that ``setup_context``
     may save them (``torch.func`` saves inputs and outputs only); they are
@@ -247,12 +270,13 @@ class _ImplicitLoss(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(imaml: IMAML, names: tuple[str, ...], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
-                *theta: Tensor) -> tuple[Tensor, ...]:
-        phi = imaml.adapt({"model": dict(zip(names, theta)), "rule": {}}, xs, ys)
+    def forward(imaml: IMAML, names: tuple[tuple[str, ...], tuple[str, ...]], xs: Tensor, ys: Tensor, xq: Tensor,
+                yq: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
+        params, buffers = dict(zip(names[0], flat)), dict(zip(names[1], flat[len(names[0]):]))
+        phi = imaml.adapt({"model": params, "rule": {}, "buffers": buffers}, xs, ys)
 
         def query(p: Params) -> tuple[Tensor, Tensor]:
-            out = forward(imaml.model, p, dict(imaml.model.named_buffers()), xq)
+            out, _ = apply_model(imaml.model, p, buffers, xq)
             return task_loss(imaml.loss, out, yq), out
 
         query_grad, (value, out) = grad_and_value(query, has_aux=True)(phi)
@@ -265,14 +289,16 @@ class _ImplicitLoss(torch.autograd.Function):
         ctx.imaml, ctx.names = imaml, names
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(xs, ys, *output[2 if imaml.loss == "cross_entropy" else 1:])
+        buffers = inputs[6 + len(names[0]):]
+        ctx.save_for_backward(xs, ys, *buffers, *output[2 if imaml.loss == "cross_entropy" else 1:])
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *unused: Any) -> tuple[Tensor | None, ...]:
-        names = ctx.names
+        names, buffer_names = ctx.names
         if grad_loss is None:
-            return (None,) * (6 + len(names))
+            return (None,) * (6 + len(names) + len(buffer_names))
         xs, ys, *saved = ctx.saved_tensors
+        buffers, saved = dict(zip(buffer_names, saved[:len(buffer_names)])), saved[len(buffer_names):]
         phi, query_grad = dict(zip(names, saved[:len(names)])), dict(zip(names, saved[len(names):]))
-        g = ctx.imaml.implicit_gradient(phi, query_grad, xs, ys)
-        return (None,) * 6 + tuple(grad_loss * g[k] for k in names)
+        g = ctx.imaml.implicit_gradient(phi, query_grad, xs, ys, buffers)
+        return (None,) * 6 + tuple(grad_loss * g[k] for k in names) + (None,) * len(buffer_names)

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.algorithms.adjoint import BACKPROPS, adjoint_trajectory
 from maml_func.algorithms.base import (
-    Metrics, check_options, evaluate_paths, map_algorithm, meta_parameters, resolve_rule, score, task_loss,
+    Metrics, check_options, evaluate_paths, init_meta, map_algorithm, meta_parameters, model_loss, random_layers,
+    resolve_rule, score, with_buffers,
 )
-from maml_func.core import MetaParams, Params, combine, forward, params_and_buffers, partition
+from maml_func.core import MetaParams, Params, combine, partition
 from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
@@ -129,6 +131,14 @@ class MAML:
             1 keeps one parameter set per task and step (the fastest), larger
             values trade time (``(k-1)/k`` of a support gradient per step)
             for that memory.
+        batch_norm: how BatchNorm layers normalize, one of
+            :data:`~maml_func.normalization.BATCH_NORM_POLICIES`: ``"batch"``
+            (default; batch statistics at meta-train and meta-test) or
+            ``"running"`` (running statistics accumulated from the meta-batch,
+            used in eval mode); :mod:`maml_func.normalization` gives the rule.
+            The model's normalization layers run in their exact form
+            (:func:`~maml_func.normalization.exact_model`, applied here: see
+            ``maml.model``).
 
     Example:
         >>> import torch
@@ -154,11 +164,13 @@ class MAML:
     first_order_iterations: int = 0
     backprop: str = "unroll"
     checkpoint_every: int = _CHECKPOINT_EVERY
+    batch_norm: str = "batch"
     _rule: InnerRule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
+        object.__setattr__(self, "model", check_options(name, self.model, self.inner_steps, self.loss,
+                                                        self.chunk_size, self.batch_norm))
         checks.integer(name, "multi_step_iterations", self.multi_step_iterations, minimum=0, none_ok=True)
         if self.multi_step_iterations is not None and self.inner_steps < 1:
             raise ValueError(f"{name}: the multi-step loss (multi_step_iterations="
@@ -169,6 +181,10 @@ class MAML:
         if self.backprop != "adjoint" and self.checkpoint_every != _CHECKPOINT_EVERY:
             raise ValueError(f"{name}: checkpoint_every={self.checkpoint_every} applies to backprop='adjoint' only "
                              f"(backprop={self.backprop!r} keeps the whole graph); drop it or set backprop='adjoint'")
+        if self.backprop == "adjoint" and random_layers(self.model):
+            raise ValueError(f"{name}: backprop='adjoint' recomputes the inner steps in the meta-backward, where the "
+                             f"random layers {random_layers(self.model)[:3]} would draw anew; use backprop='unroll' "
+                             "or set their rate to 0")
         if self.adapt_only is not None and not callable(self.adapt_only):
             raise TypeError(f"{name}: adapt_only must be a predicate on parameter names "
                             f"(e.g. lambda n: n.startswith('head.')), got {self.adapt_only!r}")
@@ -181,14 +197,12 @@ class MAML:
         """Fresh meta-parameters: the model's initialization and the rule's own.
 
         Returns:
-            ``{"model": Params, "rule": Params}``, all leaves with ``requires_grad``.
+            ``{"model": Params, "rule": Params, "buffers": Params}``, the
+            learned leaves with ``requires_grad``; the buffers are the model's
+            (state, not learned).
         """
-        params, _ = params_and_buffers(self.model)
-        adapted, _ = self._split(params)
-        rule_params = {
-            k: v.detach().clone().requires_grad_(True) for k, v in self._rule.init(adapted, self.inner_steps).items()
-        }
-        return {"model": params, "rule": rule_params}
+        adapted, _ = self._split(dict(self.model.named_parameters()))
+        return init_meta(self.model, self._rule.init(adapted, self.inner_steps))
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer: ``Adam(maml.parameters(meta))``."""
@@ -218,21 +232,22 @@ class MAML:
         ``x_support: [S, *input_shape]``, ``y_support: [S]``; returns ``steps + 1``
         dicts. ``first_order`` overrides the algorithm's own (for schedules).
         """
+        return self._path(meta, x_support, y_support, steps, first_order)[0]
+
+    def _path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None,
+              first_order: bool | None) -> tuple[list[Params], Params]:
+        """:meth:`trajectory`, and the buffers after its support forwards."""
         adapted, frozen = self._split(meta["model"])
+        first_order = self.first_order if first_order is None else first_order
 
-        def support_loss(p: Params) -> Tensor:
-            return self._support_loss(combine(p, frozen), x_support, y_support)
+        def support_loss(p: Params, buffers: Params) -> tuple[Tensor, Params]:
+            return self._support_loss(combine(p, frozen), buffers, x_support, y_support,
+                                      double_backward=not first_order)
 
-        steps = self.inner_steps if steps is None else steps
-        path = adapt_trajectory(
-            support_loss,
-            adapted,
-            rule=self._rule,
-            rule_params=meta["rule"],
-            steps=steps,
-            first_order=self.first_order if first_order is None else first_order,
-        )
-        return [combine(p, frozen) for p in path]
+        steps = self.inner_steps if steps is None else checks.integer(type(self).__name__, "steps", steps, minimum=0)
+        path, buffers = adapt_trajectory(support_loss, adapted, rule=self._rule, rule_params=meta["rule"],
+                                          steps=steps, first_order=first_order, state=meta["buffers"])
+        return [combine(p, frozen) for p in path], buffers
 
     def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
         """Adapted full params for one task (``steps`` defaults to ``inner_steps``)."""
@@ -249,31 +264,36 @@ class MAML:
         the last inner step, or with the multi-step loss the weighted sum of the
         query losses after every step (``"accuracy"`` is then the last step's).
         ``iteration`` (the meta-training step) drives the schedules:
-        ``multi_step_iterations`` and ``first_order_iterations``.
+        ``multi_step_iterations`` and ``first_order_iterations``. With the
+        ``"running"`` BatchNorm policy the task's buffers after its forwards
+        come too, as ``"buffers.<name>"`` (:func:`~maml_func.algorithms.base.merge_buffers`).
+        The query set is scored with the buffers the inner loop ended with.
         """
         first_order = self.first_order or iteration < self.first_order_iterations
         last_only = self.multi_step_iterations is None or iteration >= self.multi_step_iterations
         if self.backprop == "adjoint" and not first_order:
-            later = self._adjoint_path(meta, x_support, y_support, every_step=not last_only)
+            later, buffers = self._adjoint_path(meta, x_support, y_support, every_step=not last_only)
         else:
-            path = self.trajectory(meta, x_support, y_support, first_order=first_order)
+            path, buffers = self._path(meta, x_support, y_support, None, first_order)
             later = path[1:] or path
-        if last_only:
-            return score(self.model, later[-1], x_query, y_query, self.loss)
-        weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
-        scores = [score(self.model, p, x_query, y_query, self.loss) for p in later]
-        metrics = dict(scores[-1])
-        metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, scores))
-        return metrics
+        metrics, after = score(self.model, later[-1], buffers, x_query, y_query, self.loss)
+        if not last_only:
+            weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
+            scores = [score(self.model, p, buffers, x_query, y_query, self.loss)[0] for p in later[:-1]]
+            metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, [*scores, metrics]))
+        return metrics if self.batch_norm == "batch" else with_buffers(metrics, after)
 
-    def _adjoint_path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, every_step: bool) -> list[Params]:
+    def _adjoint_path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor,
+                      every_step: bool) -> tuple[list[Params], Params]:
         adapted, frozen = self._split(meta["model"])
-        return adjoint_trajectory(self._support_loss, adapted, frozen, x_support, y_support, rule=self._rule,
-                                  rule_params=meta["rule"], steps=self.inner_steps, every_step=every_step,
-                                  checkpoint_every=self.checkpoint_every)
+        return adjoint_trajectory(partial(self._support_loss, double_backward=True), adapted, frozen, x_support,
+                                  y_support, rule=self._rule, rule_params=meta["rule"], steps=self.inner_steps,
+                                  every_step=every_step, checkpoint_every=self.checkpoint_every,
+                                  buffers=meta["buffers"])
 
-    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self.loss, forward(self.model, params, dict(self.model.named_buffers()), x), y)
+    def _support_loss(self, params: Params, buffers: Params, x: Tensor, y: Tensor, *,
+                      double_backward: bool = False) -> tuple[Tensor, Params]:
+        return model_loss(self.model, self.loss, params, buffers, x, y, double_backward=double_backward)
 
     # -------------------------------------------------------------- T tasks
     def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
@@ -292,7 +312,8 @@ class MAML:
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
             return self.task_metrics(meta, xs, ys, xq, yq, iteration)
 
-        metrics = map_algorithm(self, fn, meta, batch)
+        randomness = "error" if self.backprop == "adjoint" else "different"
+        metrics = map_algorithm(self, fn, meta, batch, randomness=randomness)
         return metrics["loss"].mean(), metrics
 
     def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.algorithms.base import (
-    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, score, task_loss,
+    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, model_loss, score, with_buffers,
 )
-from maml_func.core import MetaParams, Params, forward
+from maml_func.core import MetaParams, Params
 from maml_func.inner import InnerRule, adapt_trajectory
 from maml_func.tasks import TaskBatch
 
@@ -68,6 +68,7 @@ class Reptile(PlainRuleAlgorithm):
         vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
         seed: seeds the mini-batch order (with the iteration); unused when
             every step sees the whole support set.
+        batch_norm: the BatchNorm policy, as in :class:`MAML`.
 
     Example:
         >>> import torch
@@ -90,6 +91,7 @@ class Reptile(PlainRuleAlgorithm):
     chunk_size: int | str | None = "auto"
     vectorize: bool = True
     seed: int = 0
+    batch_norm: str = "batch"
     _rule: InnerRule = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,7 +99,8 @@ class Reptile(PlainRuleAlgorithm):
         checks.integer(name, "inner_batch_size", self.inner_batch_size, minimum=1, none_ok=True,
                        expect="a positive int or None")
         checks.integer(name, "seed", self.seed, minimum=0, maximum=2**31 - 1, expect="an int in [0, 2**31)")
-        check_options(name, self.model, self.inner_steps, self.loss, self.chunk_size)
+        object.__setattr__(self, "model", check_options(name, self.model, self.inner_steps, self.loss,
+                                                        self.chunk_size, self.batch_norm))
         self._set_rule(_DEFAULT_INNER_LR, "Reptile cannot train (its update has no gradient for them)")
 
     # -------------------------------------------------------------- one task
@@ -121,19 +124,19 @@ class Reptile(PlainRuleAlgorithm):
 
     def _trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int, order: Tensor | None
-    ) -> list[Params]:
-        buffers = dict(self.model.named_buffers())
+    ) -> tuple[list[Params], Params]:
+        """Params after 0..``steps`` inner updates, and the buffers after the support forwards."""
 
-        def support_loss(p: Params, i: int) -> Tensor:
+        def support_loss(p: Params, i: int, buffers: Params) -> tuple[Tensor, Params]:
             x, y = x_support, y_support
             if order is not None:
                 idx = order[i].to(x_support.device)
                 x, y = x_support.index_select(0, idx), y_support.index_select(0, idx)
-            return task_loss(self.loss, forward(self.model, p, buffers, x), y)
+            return model_loss(self.model, self.loss, p, buffers, x, y)
 
         # No gradient flows through Reptile's inner loop, so it is first order by definition.
         return adapt_trajectory(support_loss, dict(meta["model"]), rule=self._rule, rule_params=meta["rule"],
-                                steps=steps, first_order=True, indexed=True)
+                                steps=steps, first_order=True, indexed=True, state=meta["buffers"])
 
     def trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
@@ -141,7 +144,7 @@ class Reptile(PlainRuleAlgorithm):
         """Params after 0..``steps`` inner updates on one task (mini-batch order of iteration 0)."""
         steps = self._steps(steps)
         order = self._order(x_support.shape[0], steps, 0)
-        return self._trajectory(meta, x_support, y_support, steps, order)
+        return self._trajectory(meta, x_support, y_support, steps, order)[0]
 
     def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
         """Adapted params for one task (``steps`` defaults to ``inner_steps``)."""
@@ -168,11 +171,12 @@ class Reptile(PlainRuleAlgorithm):
 
         def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
             # Adapt from a detached copy: no graph through the inner loop at all.
-            start = {"model": {k: v.detach() for k, v in meta["model"].items()}, "rule": meta["rule"]}
-            adapted = {k: v.detach() for k, v in self._trajectory(start, xs, ys, self.inner_steps, order)[-1].items()}
-            metrics = score(self.model, adapted, xq, yq, self.loss)
+            start = {**meta, "model": {k: v.detach() for k, v in meta["model"].items()}}
+            path, buffers = self._trajectory(start, xs, ys, self.inner_steps, order)
+            adapted = {k: v.detach() for k, v in path[-1].items()}
+            metrics, buffers = score(self.model, adapted, buffers, xq, yq, self.loss)
             metrics["distance"] = 0.5 * sum((meta["model"][k] - adapted[k]).square().sum() for k in adapted)
-            return metrics
+            return metrics if self.batch_norm == "batch" else with_buffers(metrics, buffers)
 
         metrics = map_algorithm(self, fn, meta, batch)
         return metrics["distance"].mean(), metrics
@@ -187,4 +191,5 @@ class Reptile(PlainRuleAlgorithm):
         steps = self._steps(steps)
         order = self._order(batch.x_support.shape[1], steps, 0)
 
-        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self._trajectory(meta, xs, ys, steps, order))
+        return evaluate_paths(self, meta, batch,
+                              lambda meta, xs, ys: self._trajectory(meta, xs, ys, steps, order)[0])
