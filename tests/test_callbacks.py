@@ -147,3 +147,19 @@ def test_the_output_check_leaves_the_network_as_it_was(folder: Path) -> None:
     check_outputs(network, sampler, config, torch.float32, "test")
     assert network.training and torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_on_start_comes_once_and_only_for_a_run_that_passed_every_check(folder: Path, tmp_path: Path) -> None:
+    class Starts(Callback):
+        def __init__(self) -> None:
+            self.configs: list[Any] = []
+
+        def on_start(self, config: Any) -> None:
+            self.configs.append(config)
+
+    starts = Starts()
+    with pytest.raises(ValueError, match="fewer than k_shot"):  # refused once the data is read
+        fit(tiny(folder, tmp_path / "refused", k_shot=5), callbacks=[starts], progress=False)
+    assert starts.configs == [] and not (tmp_path / "refused").exists()
+    fit(tiny(folder, tmp_path / "run", iterations=1, val_every=0), callbacks=[starts], progress=False)
+    assert [c.channels for c in starts.configs] == [1]  # the run's config, channels read from the data
