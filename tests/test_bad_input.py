@@ -249,16 +249,18 @@ def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(fol
                                                                            capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "maml_func", "train", *tiny_flags(folder, tmp_path),
-                              "--iterations", "100000", "--val-every", "0", "--save-every", "1", "--log-every", "1",
-                              "--save-to", str(run_dir)], stderr=subprocess.PIPE, text=True)
+                              "--iterations", "100000", "--val-every", "0", "--save-every", "100000",
+                              "--log-every", "1", "--save-to", str(run_dir)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run_dir / "last.pt").exists():
+        metrics = run_dir / "metrics.jsonl"
+        while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
             time.sleep(0.05)
-        for argv in (["--seed", "2", "--save-to", str(run_dir)], ["--resume", str(run_dir)]):
-            code, out, err = run(["train", *tiny_flags(folder, tmp_path), *argv, "--iterations", "100001"], capsys)
-            assert_refused(code, out, err, f"run directory {str(run_dir)!r} is in use by process {first.pid}",
-                           "wait for that run to end, or choose another save_to")
+        assert not (run_dir / "last.pt").exists()  # no checkpoint yet: only the lock stands in the second run's way
+        code, out, err = run(["train", *tiny_flags(folder, tmp_path), "--seed", "2", "--save-to", str(run_dir)],
+                             capsys)
+        assert_refused(code, out, err, f"run directory {str(run_dir)!r} is in use by process {first.pid}",
+                       "wait for that run to end, or choose another save_to")
         first.send_signal(signal.SIGINT)
         _, first_err = first.communicate(timeout=60)
     finally:
@@ -275,18 +277,25 @@ def test_fit_refuses_a_locked_directory_and_takes_over_a_stale_lock(folder: Path
     from maml_func.rundir import RunDirectoryLocked, claimed
     from maml_func.train import fit
 
+    run_dir = tmp_path / "run"
     config = make_config(dataset=str(folder), data_root=str(tmp_path / "cache"), image_size=16, hidden=8, n_way=3,
                          n_query=2, meta_batch=2, iterations=1, val_every=0, val_tasks=4, device="cpu",
-                         save_to=str(tmp_path / "run"))
-    with claimed(tmp_path / "run", "test"):  # held by this process, through another open file: still refused
+                         save_to=str(run_dir))
+    with claimed(run_dir, "test"):  # held by this process, through another open file: still refused
         with pytest.raises(RunDirectoryLocked, match=f"is in use by process {os.getpid()}"):
             fit(config, progress=False)
-        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
-    assert list((tmp_path / "run").iterdir()) == []  # released: the lock file goes with the lock
-    (tmp_path / "run" / ".lock").write_text("4194305\n")  # left by a run that was killed: its lock is free
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    assert list(run_dir.iterdir()) == []  # released: the lock file goes with the lock
+    fit(config, progress=False)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with claimed(run_dir, "test"):  # a second resume of a run that is running
+        with pytest.raises(RunDirectoryLocked, match="wait for that run to end"):
+            fit(config.replace(iterations=2), resume=run_dir, progress=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    (run_dir / ".lock").write_text("4194305\n")  # left by a run that was killed: its lock is free
     with pytest.warns(UserWarning, match=r"taking over run directory .* \(process 4194305\) is gone"):
-        assert fit(config, progress=False).iteration == 1
-    assert not (tmp_path / "run" / ".lock").exists()
+        assert fit(config.replace(iterations=2), resume=run_dir, progress=False).iteration == 2
+    assert not (run_dir / ".lock").exists()
 
 
 # 10. round 3: a full disk ends a run in one line, with the last checkpoint intact, or only warns
