@@ -1,7 +1,8 @@
 """User hooks into :func:`~maml_func.train.fit`: :class:`Callback`.
 
-``fit`` calls every callback it is given at the points where it writes
-something: each line of training metrics, each validation, each checkpoint.
+``fit`` calls every callback it is given when the run starts, then at the
+points where it writes something: each line of training metrics, each
+validation, each checkpoint.
 A record is the same dict that goes to ``metrics.jsonl`` (a copy: changing it
 changes nothing in the run). Under ``torch.distributed`` only rank 0, the one
 that writes the files, calls them.
@@ -16,7 +17,7 @@ from typing import Any
 __all__ = ["Callback", "check_callbacks"]
 
 Record = dict[str, Any]
-_HOOKS = ("on_log", "on_validation", "on_checkpoint")
+_HOOKS = ("on_start", "on_log", "on_validation", "on_checkpoint")
 
 
 class Callback:
@@ -32,6 +33,11 @@ class Callback:
         >>> fit(config, callbacks=[losses])  # doctest: +SKIP
     """
 
+    def on_start(self, config: Any) -> None:
+        """The run starts: its :class:`~maml_func.config.TrainConfig` (``channels`` resolved) has passed every check
+        that needs no training (config, checkpoint, run directory, data, model), and nothing is written yet. A
+        refused run never gets here."""
+
     def on_log(self, record: Record) -> None:
         """A line of training metrics: ``{"kind": "train", "iteration", "loss", "accuracy", "grad_norm",
         "tasks_per_s", "meta_lr", "elapsed_s"}``, every ``log_every`` iterations."""
@@ -45,7 +51,7 @@ class Callback:
 
 
 def check_callbacks(callbacks: Sequence[Any], where: str) -> tuple[Callback, ...]:
-    """``callbacks`` as a tuple, each checked to have the three hooks (a :class:`Callback` or alike).
+    """``callbacks`` as a tuple, each checked to have the four hooks (a :class:`Callback` or alike).
 
     Raises:
         TypeError: naming the callback and the hook it lacks.

@@ -21,6 +21,7 @@ expected (``"a positive int"``) where a message has its own words.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Collection
 from typing import Any, TypeVar
 
@@ -124,9 +125,16 @@ def brief(exc: BaseException) -> str:
     explanation is five lines); a message that quotes one says what went wrong
     in a line and keeps the rest out.
 
+    torch's refusal of an unsafe pickle is told by its reason only: its first
+    line advises turning the safe loader off, which a message must never repeat.
+
     Example:
         >>> brief(RuntimeError("Weights only load failed.\\n\\nIn PyTorch 2.6 ..."))
         'Weights only load failed.'
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = str(exc)
+    unsafe = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text) if "Weights only load failed" in text else None
+    if unsafe:
+        return f"torch's safe loader refused it: {unsafe.group(1).strip()}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

@@ -5,10 +5,11 @@ A thin layer: flags become a :class:`~maml_func.config.TrainConfig` (defaults <
 :func:`maml_func.train.fit`, :func:`maml_func.train.evaluate_run` and
 :func:`maml_func.data.download_dataset`.
 
-Exit status: 0 done; 1 the run failed (non-finite loss, no network); 2 bad
-flags, config or paths, or data that cannot be downloaded (one line on stderr,
-nothing written); 128 + signal number after SIGINT/SIGTERM (130 for Ctrl-C),
-with a checkpoint to resume from.
+Exit status: 0 done; 1 the run failed (non-finite loss, out of memory, no
+network, a full disk: the message says what is kept); 2 bad flags, config or
+paths, a run directory in use, or data that cannot be downloaded (one line on
+stderr, nothing written); 128 + signal number after SIGINT/SIGTERM (130 for
+Ctrl-C), with a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -236,8 +237,6 @@ def _train(args: argparse.Namespace) -> int:
             main = init_distributed(timeout=timeout).is_main
         except DistributedError as err:
             return _fail(prog, str(err))
-    if main:
-        print(f"{prog}: {_describe(config)}", file=sys.stderr)
     from maml_func import system
 
     if getattr(args, "tune_malloc", True):
@@ -276,20 +275,30 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
 
 
 def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool) -> int:
+    from maml_func.atomic import WriteError
+    from maml_func.callbacks import Callback
     from maml_func.distributed import DistributedError
-    from maml_func.train import MetaStepOutOfMemory, NonFiniteLossError, TrainingInterrupted, fit
+    from maml_func.train import (MetaStepFailed, MetaStepOutOfMemory, NonFiniteLossError, RunWriteError,
+                                 TrainingInterrupted, fit)
+
+    class Summary(Callback):  # once everything that can be checked is: a refused run prints its error only
+        def on_start(self, started: Any) -> None:
+            print(f"{prog}: {_describe(started)}", file=sys.stderr)
 
     try:
-        result = fit(config, resume=resume, progress=progress)
+        result = fit(config, callbacks=[Summary()], resume=resume, progress=progress)
     except TrainingInterrupted as stop:
         where = stop.checkpoint.parent if stop.checkpoint is not None else config.save_to
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "
               f"Resume with: maml-func train --resume {shlex.quote(str(where))}", file=sys.stderr)
         return 128 + stop.signal
-    except (NonFiniteLossError, MetaStepOutOfMemory, DistributedError) as err:
+    except (NonFiniteLossError, MetaStepOutOfMemory, MetaStepFailed, RunWriteError, DistributedError) as err:
         return _fail(prog, str(err), EXIT_FAILED)
     except ConnectionError as err:
         return _fail(prog, f"{err}. {_offline_hint(config.dataset)}", EXIT_FAILED)
+    except WriteError as err:  # while downloading the data: nothing of the run was written yet
+        return _fail(prog, f"{err}; nothing of this run was left: free some space there and run it again",
+                     EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
         return _fail(prog, str(err))
 
@@ -344,7 +353,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from maml_func.atomic import removed_on_failure
+    from maml_func.atomic import WriteError, removed_on_failure
     from maml_func.data import SOURCE_FILES, download_dataset
 
     prog = "maml-func download"
@@ -356,6 +365,9 @@ def _download(args: argparse.Namespace) -> int:
             path = download_dataset(args.dataset, args.root, source=args.source)
     except ConnectionError as err:
         return _fail(prog, f"{err}. {_offline_hint(args.dataset)}", EXIT_FAILED)
+    except WriteError as err:
+        return _fail(prog, f"{err}; nothing new was left in {args.root}: free some space there and run it again",
+                     EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
         return _fail(prog, str(err))
     then = "" if args.dataset == "omniglot" else (f"; train with: maml-func train --dataset {args.dataset} "

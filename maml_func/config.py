@@ -458,8 +458,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                          ".toml or .json file")
     if not path.is_file():
         raise FileNotFoundError(f"load_config_file: config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")  # a decode error is a ValueError too: named with the file below
         if path.suffix == ".json":
             values = json.loads(text)
         elif path.suffix == ".toml":

@@ -34,6 +34,12 @@ __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "TrainState", "check_resume"]
 
 CHECKPOINT_FORMAT = "maml_func.checkpoint/1"
 
+# Every entry fit writes into a training checkpoint, and its type: checked once, when a checkpoint is read.
+_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "iteration": int, "meta": dict, "optimizer": dict, "cpu_rng": Tensor, "train_generator": Tensor,
+    "train_generator_device": str, "best_val_accuracy": (float, int, type(None)), "best_iteration": (int, type(None)),
+}
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -59,6 +65,10 @@ class Checkpoint:
         state = load_checkpoint(file)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{origin}: {str(file)!r} is not a maml_func training checkpoint")
+        problem = _damage(state)
+        if problem is not None:
+            raise ValueError(f"{origin}: {str(file)!r} is a damaged training checkpoint: {problem}; use the run's "
+                             "other checkpoint (last.pt / best.pt) or start again")
         return cls(file, state)
 
     @property
@@ -69,6 +79,19 @@ class Checkpoint:
     @property
     def iteration(self) -> int:
         return int(self.state["iteration"])
+
+
+def _damage(state: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a training checkpoint's entries, or ``None``."""
+    for name, kind in _ENTRIES.items():
+        if name not in state:
+            return f"it has no {name!r} entry"
+        if not isinstance(state[name], kind) or isinstance(state[name], bool):
+            return f"its {name!r} entry is a {type(state[name]).__name__}"
+    groups = state["meta"].values()
+    if not all(isinstance(g, dict) and all(isinstance(v, Tensor) for v in g.values()) for g in groups):
+        return "its 'meta' entry is not a dict of tensor dicts"
+    return None
 
 
 def copy_meta(meta: MetaParams) -> dict[str, dict[str, Tensor]]:

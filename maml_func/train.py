@@ -14,16 +14,18 @@ One stop rule ends a run early: a signal (SIGINT/SIGTERM: the iteration
 finishes, ``last.pt`` is saved, :class:`TrainingInterrupted` is raised) or the
 time limit (``max_minutes``: validated, saved, ``stopped="time_limit"``). Under
 ``torch.distributed`` the ranks agree on it with a collective before anyone
-acts, so they stop at the same iteration; only rank 0 writes files.
+acts, so they stop at the same iteration; only rank 0 writes files, and holds
+the run directory's lock from the start to the end of :func:`fit`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,14 @@ from tqdm import tqdm
 
 from maml_func import batching
 from maml_func import step as _step
-from maml_func.atomic import removed_on_failure
+from maml_func import checks
+from maml_func.atomic import WriteError, removed_on_failure
 from maml_func.callbacks import Callback, check_callbacks
 from maml_func.config import PRESETS, TrainConfig, make_config, object_model_name
 from maml_func.distributed import World, agree, init_distributed, rank_seed
 from maml_func.evaluate import evaluate
-from maml_func.rundir import BEST, LAST, RunDirectory, check_creatable, checkpoint_path, read_history
+from maml_func.rundir import (BEST, LAST, RunDirectory, RunDirectoryLocked, check_creatable, check_unlocked,
+                              checkpoint_path, claimed, read_history)
 from maml_func.runs import (TrainResult, build_algorithm, check_buildable, check_outputs, evaluate_run,
                             load_run, load_splits, resolve_device, rng_scope, task_sampler)
 from maml_func.state import Checkpoint, TrainState, check_resume
@@ -48,9 +52,9 @@ from maml_func.step import (
 from maml_func.tasks import EpisodeSampler
 
 __all__ = [
-    "PRESETS", "MetaStepOutOfMemory", "NonFiniteLossError", "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm",
-    "check_run_directory", "checkpoint_path", "evaluate_run", "fit", "load_run", "make_config", "meta_gradient",
-    "meta_lr_at", "train_step",
+    "PRESETS", "MetaStepFailed", "MetaStepOutOfMemory", "NonFiniteLossError", "RunDirectoryLocked", "RunWriteError",
+    "TrainConfig", "TrainResult", "TrainingInterrupted", "build_algorithm", "check_run_directory", "checkpoint_path",
+    "evaluate_run", "fit", "load_run", "make_config", "meta_gradient", "meta_lr_at", "train_step",
 ]
 
 # Validation tasks are the same at every validation and for every training
@@ -72,6 +76,32 @@ class TrainingInterrupted(KeyboardInterrupt):
                  result: TrainResult) -> None:
         super().__init__(message)
         self.iteration, self.checkpoint, self.signal, self.result = iteration, checkpoint, signum, result
+
+
+class RunWriteError(OSError):
+    """A file of the run directory could not be written (a full disk): the run stopped; the message says what is kept.
+
+    Attributes:
+        path: the file that could not be written.
+        checkpoint: the last checkpoint, intact, that ``--resume`` continues from (``None`` when none was written).
+    """
+
+    def __init__(self, message: str, path: Path, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.path, self.checkpoint = path, checkpoint
+
+
+class MetaStepFailed(RuntimeError):
+    """A meta-iteration raised an error (a model that cannot run on these tasks); its update was not applied.
+
+    Attributes:
+        iteration: the 1-based iteration that failed.
+        checkpoint: the last checkpoint (``None`` when none was written).
+    """
+
+    def __init__(self, message: str, iteration: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.iteration, self.checkpoint = iteration, checkpoint
 
 
 class _SignalGuard:
@@ -119,6 +149,12 @@ class _Run:
     last_saved: int | None  # the iteration of the run directory's last.pt, None before one is written
     callbacks: tuple[Callback, ...] = ()
 
+    def start(self) -> None:
+        """Tell the callbacks that the run starts: everything is checked, data and model loaded, nothing written."""
+        if self.world.is_main:
+            for callback in self.callbacks:
+                callback.on_start(self.config)
+
     def log(self, record: dict[str, Any]) -> None:
         """Write a record to ``metrics.jsonl`` and show it to the callbacks (``on_log`` or ``on_validation``)."""
         self.files.log(record)
@@ -158,29 +194,46 @@ class _Run:
         self.files.plot()
         return ev.final_accuracy
 
+    def checkpoint(self) -> Path | None:
+        """The checkpoint a run that stops now leaves to resume from, or ``None``."""
+        last = self.files.file(LAST)
+        return last if last is not None and last.exists() else None
+
+    def kept(self) -> str:
+        """What a run that stops now leaves behind, in words (:func:`claimed` removes a run without a checkpoint)."""
+        last = self.checkpoint()
+        if last is not None:
+            at = f" (iteration {self.last_saved})" if self.last_saved is not None else ""
+            return f"the last checkpoint, {last}{at}, is intact and --resume {last.parent} continues from it"
+        if self.files.path is None:
+            return "no checkpoint was written (save_to is None)"
+        return f"no checkpoint had been written, so nothing of this run is left in {self.files.path}"
+
     def non_finite(self, err: NonFiniteLossError) -> NonFiniteLossError:
         """``err`` told with what was kept and what to change."""
-        kept = self.files.file(LAST) if self.last_saved is not None else None
-        where = (f"the last good checkpoint, {kept} (iteration {self.last_saved}), is kept" if kept is not None
-                 else "no checkpoint was written")
         return NonFiniteLossError(
             f"fit: the {err.quantity} is {err.value} at iteration {err.iteration}; stopped without applying that "
-            f"update ({where}). Lower inner_lr (now {self.config.inner_lr}) or meta_lr (now {self.config.meta_lr}), "
-            "or use dtype='float64'", err.iteration, kept, quantity=err.quantity, value=err.value)
+            f"update ({self.kept()}). Lower inner_lr (now {self.config.inner_lr}) or meta_lr (now "
+            f"{self.config.meta_lr}), or use dtype='float64'", err.iteration, self.checkpoint(),
+            quantity=err.quantity, value=err.value)
 
-    def out_of_memory(self, err: BaseException, iteration: int) -> BaseException:
-        """``err`` as a :class:`MetaStepOutOfMemory` that says what to change, or ``err`` itself if it is another."""
+    def step_failed(self, err: BaseException, iteration: int) -> BaseException:
+        """``err`` of meta-iteration ``iteration`` told with what was kept and what to change."""
         if not is_out_of_memory(err):
-            return err
-        kept = self.files.file(LAST) if self.last_saved is not None else None
-        where = (f"the checkpoint of iteration {self.last_saved}, {kept}, is kept (--resume continues from it)"
-                 if kept is not None else "no checkpoint was written")
+            return MetaStepFailed(
+                f"fit: meta-iteration {iteration} failed ({type(err).__name__}: {checks.brief(err)}); {self.kept()}. "
+                "The model cannot run on these tasks: check model, model_options, image_size and channels against "
+                "the data", iteration, self.checkpoint())
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         return MetaStepOutOfMemory(
-            f"fit: meta-iteration {iteration} did not fit in memory ({first}); {where}. Lower the memory of a "
+            f"fit: meta-iteration {iteration} did not fit in memory ({first}); {self.kept()}. Lower the memory of a "
             "meta-iteration: backprop='adjoint' (exact second order with the activations of one inner step), "
             "tasks_per_backward (one backward per that many tasks), a smaller meta_batch or chunk_size, or "
-            "first_order=True", iteration, kept)
+            "first_order=True", iteration, self.checkpoint())
+
+    def write_failed(self, err: WriteError) -> RunWriteError:
+        """A checkpoint or ``config.json`` that could not be written, told with what is kept."""
+        return RunWriteError(f"fit: {err}; {self.kept()}", err.path, self.checkpoint())
 
     def result(self, state: TrainState, stopped: str) -> TrainResult:
         return TrainResult(self.config, self.model, self.algorithm, state.meta, state.iteration,
@@ -256,7 +309,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
             except NonFiniteLossError as err:
                 raise run.non_finite(err) from None
             except (MemoryError, RuntimeError) as err:
-                raise run.out_of_memory(err, state.iteration + 1) from None
+                raise run.step_failed(err, state.iteration + 1) from (None if is_out_of_memory(err) else err)
             bar.update(1)
             if due(config.log_every):
                 settle()
@@ -305,9 +358,30 @@ def check_run_directory(config: TrainConfig, resume: Checkpoint | None = None) -
         return
     run_dir = Path(config.save_to).expanduser()
     check_creatable(run_dir, "fit")
+    check_unlocked(run_dir, "fit")
     if (run_dir / LAST).exists() and not (resume is not None and resume.path.parent.resolve() == run_dir.resolve()):
         raise ValueError(f"fit: run directory {str(run_dir)!r} already holds a checkpoint; resume it "
                          f"(fit(..., resume={str(run_dir)!r}) / --resume) or choose another save_to")
+
+
+@contextlib.contextmanager
+def _owned(config: TrainConfig, saved: Checkpoint | None, me: World) -> Iterator[None]:
+    """The run directory, checked and claimed by the rank that writes it (see :func:`claimed`) for the block.
+
+    Every rank learns whether rank 0 refused it, so all stop together.
+    """
+    with contextlib.ExitStack() as stack:
+        refusal: ValueError | None = None
+        if me.is_main:
+            try:
+                check_run_directory(config, saved)
+                run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
+                stack.enter_context(claimed(run_dir, "fit"))
+            except ValueError as err:
+                refusal = err
+        if agree([int(refusal is not None)])[0]:
+            raise refusal or ValueError(f"fit: rank 0 refused the run directory {config.save_to!r}; its error says why")
+        yield
 
 
 def fit(
@@ -350,9 +424,20 @@ def fit(
     Raises:
         ValueError, FileNotFoundError: bad config, data, run directory or
             checkpoint; raised before anything is written.
-        NonFiniteLossError: the loss or gradient became NaN/inf; the last good
-            checkpoint is kept and the bad update is not applied.
+        RunDirectoryLocked: (a ``ValueError``) another run is writing to
+            ``save_to``; nothing of it is touched. The run directory is this
+            run's from its first moment to its end.
+        NonFiniteLossError, MetaStepOutOfMemory, MetaStepFailed: a
+            meta-iteration failed (NaN/inf, out of memory, another error); its
+            update is not applied.
+        RunWriteError: a checkpoint could not be written (a full disk); the
+            previous one is intact. A metrics line or the plot that cannot be
+            written is only warned about.
         TrainingInterrupted: on SIGINT/SIGTERM, after saving ``last.pt``.
+
+        A run that stops with an error keeps ``save_to`` if it holds a
+        ``last.pt`` to resume from, and otherwise leaves nothing there; the
+        error's message says which.
 
     Example:
         >>> from maml_func.config import make_config
@@ -384,20 +469,26 @@ def fit(
                          f"choose a multiple of {me.size} (each rank adapts meta_batch / ranks tasks)")
     if config.val_tasks < me.size:
         raise ValueError(f"fit: val_tasks={config.val_tasks} is fewer than the {me.size} ranks")
-    device, dtype = resolve_device(config.device, me), getattr(torch, config.dtype)
+    device = resolve_device(config.device, me)
     batching.configure_device(device)
-    run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     saved = None
     if resume is not None:
         saved = resume if isinstance(resume, Checkpoint) else Checkpoint.read(resume, origin="fit")
         check_resume(config, saved, me)
-    check_run_directory(config, saved)
+    with _owned(config, saved, me):
+        return _train(config, saved, me, device, progress, model, callbacks)
 
+
+def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: torch.device, progress: bool,
+           model: torch.nn.Module | None, callbacks: tuple[Callback, ...]) -> TrainResult:
+    """:func:`fit` once its arguments and run directory are settled: load, build, loop."""
+    run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     with removed_on_failure(config.data_root):  # a refused run leaves no cache or download behind
         splits = load_splits(config)
         sampler, val_sampler = (task_sampler(config, splits, name, device, "fit") for name in ("train", "val"))
     if config.channels is None:
         config = config.replace(channels=int(splits["train"].images.shape[2]))
+    dtype = getattr(torch, config.dtype)
     with rng_scope(device):
         torch.manual_seed(config.seed)
         model, algorithm = build_algorithm(config, model=model)
@@ -414,11 +505,14 @@ def fit(
         # Resuming from the run directory's own last.pt: it already holds the starting state.
         in_place = saved is not None and run_dir is not None and saved.path.resolve() == (run_dir / LAST).resolve()
         files = RunDirectory(run_dir if me.is_main else None, title=_run_title(config))
-        files.open(config.to_dict(), read_history(saved.path.parent, saved.iteration) if saved else [])
         run = _Run(config, model, algorithm, sampler, val_sampler, files, me, dtype,
                    state.iteration if in_place else None, callbacks)
+        run.start()
         try:
+            files.open(config.to_dict(), read_history(saved.path.parent, saved.iteration) if saved else [])
             return _loop(run, state, progress)
+        except WriteError as err:
+            raise run.write_failed(err) from None
         finally:
             files.close()
 

@@ -121,8 +121,8 @@ def test_a_run_of_a_network_object_loads_back_with_model(folder: Path, tmp_path:
 
 def test_fit_refuses_what_is_not_a_network_or_a_callback(folder: Path) -> None:
     config = tiny(folder, None)
-    with pytest.raises(TypeError, match=r"fit: callbacks\[0\] \(builtin_function_or_method\) has no on_log, "
-                                        r"on_validation, on_checkpoint; subclass maml_func.Callback"):
+    with pytest.raises(TypeError, match=r"fit: callbacks\[0\] \(builtin_function_or_method\) has no on_start, "
+                                        r"on_log, on_validation, on_checkpoint; subclass maml_func.Callback"):
         fit(config, callbacks=[print])
     with pytest.raises(TypeError, match="fit: callbacks must be a list of Callback objects, got Recorder"):
         fit(config, callbacks=Recorder())  # type: ignore[arg-type]
@@ -147,3 +147,19 @@ def test_the_output_check_leaves_the_network_as_it_was(folder: Path) -> None:
     check_outputs(network, sampler, config, torch.float32, "test")
     assert network.training and torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+
+
+def test_on_start_comes_once_and_only_for_a_run_that_passed_every_check(folder: Path, tmp_path: Path) -> None:
+    class Starts(Callback):
+        def __init__(self) -> None:
+            self.configs: list[Any] = []
+
+        def on_start(self, config: Any) -> None:
+            self.configs.append(config)
+
+    starts = Starts()
+    with pytest.raises(ValueError, match="fewer than k_shot"):  # refused once the data is read
+        fit(tiny(folder, tmp_path / "refused", k_shot=5), callbacks=[starts], progress=False)
+    assert starts.configs == [] and not (tmp_path / "refused").exists()
+    fit(tiny(folder, tmp_path / "run", iterations=1, val_every=0), callbacks=[starts], progress=False)
+    assert [c.channels for c in starts.configs] == [1]  # the run's config, channels read from the data

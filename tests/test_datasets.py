@@ -571,3 +571,79 @@ def test_benchmark_presets_follow_their_papers() -> None:
     assert {make_config(preset=p).dataset for p in PRESETS} == set(DATASETS)
     assert make_config(preset="cub-5w1s").augment and not make_config(preset="miniimagenet-5w1s").augment
     assert (make_config(preset="cifarfs-5w1s").image_size, make_config(preset="fc100-5w1s").image_size) == (32, 32)
+
+
+# ---------------------------------------------------------------- malformed contents inside well-formed files
+
+
+@pytest.mark.usefixtures("mini_lists")
+@pytest.mark.parametrize(("value", "match"), [
+    ([], r"class_dict\['n01855672'\] lists 0 images, not 16"),
+    (5, r"class_dict\['n01855672'\] is an int \(5\), not a list of row indices into image_data"),
+    (["a"] * MINI_PER_CLASS, r"class_dict\['n01855672'\] is a list \(\['a', 'a', 'a', 'a', 'a', 'a', ...\]\), not a"),
+    (list(range(10_000, 10_016)), r"class_dict\['n01855672'\] has indices 10000..10015, outside image_data's 0..79"),
+], ids=["empty", "int", "strings", "out-of-range"])
+def test_miniimagenet_pickle_with_a_malformed_class_dict_names_the_entry(value: object, match: str,
+                                                                         mini_release: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "val", "test"):
+        name = f"mini-imagenet-cache-{split}.pkl"
+        data = pickle.loads((mini_release["pickles"] / name).read_bytes())
+        if split == "val":
+            data["class_dict"]["n01855672"] = value
+        (bad / name).write_bytes(pickle.dumps(data))
+    with pytest.raises(ValueError, match=rf"load_miniimagenet: {re.escape(str(bad))}/mini-imagenet-cache-val\.pkl: "
+                                         rf"{match}.*Fetch it again"):
+        load_dataset("miniimagenet", root=tmp_path / "root", source=bad)
+    assert not list((tmp_path / "root").glob("*.pt"))
+
+
+@pytest.mark.usefixtures("mini_lists")
+def test_miniimagenet_csv_that_is_not_utf8_names_the_file(mini_release: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "csvs" / "images").symlink_to(mini_release["raw"] / "images")
+    for split in ("train", "val", "test"):
+        (tmp_path / "csvs" / f"{split}.csv").write_bytes((mini_release["raw"] / f"{split}.csv").read_bytes())
+    (tmp_path / "csvs" / "train.csv").write_bytes(b"filename,label\n\xff\xfe,n01532829\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'csvs' / 'train.csv'))} is not UTF-8 text "
+                                         r"\(byte 0xff at offset 15\).*meta-learning-lstm"):
+        load_dataset("miniimagenet", root=tmp_path / "root", source=tmp_path / "csvs")
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("label_general_str", 1, r"label_general_str is an int \(1\), not a list of names"),
+    ("label_specific_str", None, r"label_specific_str is a NoneType \(None\), not a list of names"),
+    ("label_specific", ["a", "b"], r"label_specific is a list \(\['a', 'b'\]\), not one integer index per image"),
+])
+def test_tieredimagenet_labels_with_a_malformed_entry_name_it(key: str, value: object, match: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tieredimagenet, "CLASS_COUNTS", {"train": 3, "val": 2, "test": 2})
+    monkeypatch.setattr(tieredimagenet, "CATEGORY_COUNTS", {"train": 1, "val": 1, "test": 1})
+    write_tiered(tmp_path / "source")
+    labels_file = tmp_path / "source" / "train_labels.pkl"
+    labels = pickle.loads(labels_file.read_bytes())
+    labels[key] = value
+    labels_file.write_bytes(pickle.dumps(labels))
+    with pytest.raises(ValueError, match=rf"load_tieredimagenet: {re.escape(str(labels_file))}: {match}\. Fetch it"):
+        load_dataset("tieredimagenet", root=tmp_path / "root", source=tmp_path / "source")
+
+
+@pytest.mark.parametrize(("part", "change", "match"), [
+    ("meta", {"fine_label_names": 7}, r"cifar-100-python/meta: fine_label_names is an int \(7\), not a list of class"),
+    ("train", {"fine_labels": 3}, r"cifar-100-python/train is not a CIFAR-100 batch"),
+    ("test", {"coarse_labels": [9] * len(CIFAR_FINE)}, r"cifar-100-python/test has labels outside the 8 fine and 4 "
+                                                       "coarse classes"),
+])
+def test_cifar_files_with_a_malformed_entry_name_it(part: str, change: dict, match: str, cifar_release: Path,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "extracted" / cifar.FOLDER
+    folder.mkdir(parents=True)
+    for name, data in cifar_members().items():
+        if name == f"{cifar.FOLDER}/{part}":
+            data = pickle.dumps({**pickle.loads(data, encoding="latin1"), **change}, protocol=2)
+        (folder / name.split("/")[1]).write_bytes(data)
+    monkeypatch.setattr(cifar, "MD5", {**cifar.MD5, **{p: md5_of(folder / p) for p in ("train", "test", "meta")}})
+    with pytest.raises(ValueError, match=rf"load_cifarfs: {match}.*cifar-100-python\.tar\.gz"):
+        load_dataset("cifarfs", root=tmp_path / "root", source=folder.parent)

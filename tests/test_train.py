@@ -21,6 +21,7 @@ from maml_func import step as step_module
 from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
 from maml_func.train import (
+    MetaStepFailed,
     MetaStepOutOfMemory,
     NonFiniteLossError,
     TrainingInterrupted,
@@ -306,7 +307,7 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(glyphs: Path, tmp_pa
     with pytest.raises(NonFiniteLossError, match="meta-loss is nan at iteration 5") as err:
         fit(tiny(glyphs, tmp_path / "run"), progress=False)
     assert err.value.iteration == 5 and err.value.checkpoint == tmp_path / "run" / "last.pt"
-    assert "is kept" in str(err.value) and "Lower inner_lr" in str(err.value)
+    assert "is intact and --resume" in str(err.value) and "Lower inner_lr" in str(err.value)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["iteration"] == 4
     assert all(torch.isfinite(p).all() for p in last["meta"]["model"].values())
@@ -326,19 +327,22 @@ def test_out_of_memory_stops_with_the_checkpoint_and_the_fix(glyphs: Path, tmp_p
     with pytest.raises(MetaStepOutOfMemory, match="meta-iteration 5 did not fit in memory") as err:
         fit(tiny(glyphs, tmp_path / "run"), progress=False)
     assert err.value.iteration == 5 and err.value.checkpoint == tmp_path / "run" / "last.pt"
-    assert "backprop='adjoint'" in str(err.value) and "--resume continues from it" in str(err.value)
+    assert "backprop='adjoint'" in str(err.value)
+    assert f"--resume {tmp_path / 'run'} continues from it" in str(err.value)
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 4
 
     def broken(*args, **kwargs):  # any other RuntimeError is not mistaken for one
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(step_module, "meta_gradient", broken)
-    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+    with pytest.raises(MetaStepFailed, match=r"meta-iteration 1 failed \(RuntimeError: shape mismatch\); no "
+                                             "checkpoint had been written, so nothing of this run is left"):
         fit(tiny(glyphs, tmp_path / "other"), progress=False)
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_huge_inner_step_is_caught_as_non_finite(glyphs: Path, tmp_path: Path) -> None:
-    with pytest.raises(NonFiniteLossError, match="at iteration 1;.*no checkpoint was written"):
+    with pytest.raises(NonFiniteLossError, match="at iteration 1;.*no checkpoint had been written"):
         fit(tiny(glyphs, tmp_path / "run", inner_lr=1e38, val_every=0), progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -374,22 +378,23 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
 
 
 _SLOW_SAVE = textwrap.dedent("""
-    import sys, time, torch
+    import os, sys, time, torch
     from maml_func.checkpoint import save_checkpoint
     path = sys.argv[1]
     save_checkpoint({"w": torch.zeros(100_000), "generation": 1}, path)
 
-    class Slow:  # a file that stalls after its first megabyte-ish write
-        def __init__(self, f): self.f, self.written = f, 0
+    class Slow:  # the temporary file of the write: stalls after its first 2000 bytes
+        def __init__(self, f): self.f = f
+        def __enter__(self): return self
+        def __exit__(self, *exc): self.f.close()
         def write(self, b):
-            n = self.f.write(b); self.f.flush(); self.written += n
-            if self.written > 1000:
-                print("WRITING", flush=True); time.sleep(600)
-            return n
+            self.f.write(b[:2000]); self.f.flush()
+            print("WRITING", flush=True); time.sleep(600)
         def flush(self): self.f.flush()
+        def fileno(self): return self.f.fileno()
 
-    real_save = torch.save
-    torch.save = lambda obj, f: real_save(obj, Slow(f))
+    real_fdopen = os.fdopen
+    os.fdopen = lambda fd, mode: Slow(real_fdopen(fd, mode))
     save_checkpoint({"w": torch.ones(100_000), "generation": 2}, path)
 """)
 
@@ -561,7 +566,7 @@ def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
     monkeypatch.setattr(batching, "defer_host_reads", lambda device: True)
     monkeypatch.setattr(step_module, "meta_gradient", diverging)
     with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan at iteration 5; stopped without applying "
-                                                 r"that update \(the last good checkpoint.*iteration 4\), is kept"):
+                                                 r"that update \(the last checkpoint.*iteration 4\), is intact"):
         fit(tiny(glyphs, tmp_path / "run", log_every=3), progress=False)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["iteration"] == 4 and all(torch.isfinite(p).all() for p in last["meta"]["model"].values())

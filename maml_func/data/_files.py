@@ -15,15 +15,16 @@ same promise as ``torch.load(weights_only=True)`` for checkpoints).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import io
 import os
 import pickle
+import reprlib
 import shutil
 import tarfile
 import tempfile
-import urllib.error
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from maml_func import checks
+from maml_func.atomic import WriteError
 from maml_func.data._io import cached_splits, write_splits
 from maml_func.data.classes import ImageClasses
 
@@ -70,6 +72,7 @@ def fetch(url: str, expected_md5: str, root: Path, filename: str, fn: str, offli
 
     Raises:
         ConnectionError: the download failed; the message ends with ``offline_hint``.
+        maml_func.atomic.WriteError: ``root`` is full; nothing is left there.
         ValueError: the download does not match its md5 (it is discarded).
     """
     from torchvision.datasets.utils import check_integrity, download_url
@@ -78,7 +81,9 @@ def fetch(url: str, expected_md5: str, root: Path, filename: str, fn: str, offli
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
         try:
             download_url(url, tmp, filename=filename)
-        except (urllib.error.URLError, OSError) as exc:
+        except OSError as exc:  # urllib's errors are OSErrors too
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk, not the network
+                raise WriteError(root / filename, exc) from exc
             raise ConnectionError(f"{fn}: could not download {url} ({checks.brief(exc)}); {offline_hint}") from exc
         fetched = Path(tmp) / filename
         if not check_integrity(str(fetched), expected_md5):
@@ -101,6 +106,7 @@ def place_archive(root: str | Path, source: str | Path | None, filename: str, ur
         FileNotFoundError: ``source`` is not a folder or has no ``filename``.
         ValueError: an archive does not match ``expected_md5`` (left untouched; the message ends with ``remedy``).
         ConnectionError: the download failed.
+        maml_func.atomic.WriteError: ``root`` is full; nothing is left there.
     """
     root = Path(root).expanduser()
     target = root / filename
@@ -118,7 +124,10 @@ def place_archive(root: str | Path, source: str | Path | None, filename: str, ur
     check_md5(found, expected_md5, fn, remedy)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".copy-") as tmp:
-        shutil.copyfile(found, Path(tmp) / filename)
+        try:
+            shutil.copyfile(found, Path(tmp) / filename)
+        except OSError as exc:
+            raise WriteError(target, exc, found.stat().st_size) from exc
         os.replace(Path(tmp) / filename, target)
     return root
 
@@ -158,6 +167,12 @@ def read_pickle(source: Path | bytes, fn: str, what: str, remedy: str) -> Any:
     if isinstance(value, dict):
         value = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in value.items()}
     return value
+
+
+def describe(value: object) -> str:
+    """A value found where a release file should hold something else, for a message: ``"an int (5)"``."""
+    kind = type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({reprlib.repr(value)})"
 
 
 def tar_members(archive: Path, wanted: Callable[[str], bool], fn: str, remedy: str) -> Iterator[tuple[str, bytes]]:

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from maml_func import checks
-from maml_func.atomic import atomic_write
+from maml_func.atomic import WriteError, atomic_write
 from maml_func.data.classes import ImageClasses
 
 CACHE_FORMAT = 1
@@ -60,8 +60,9 @@ def write_cache(path: Path, classes: ImageClasses, meta: dict[str, Any]) -> None
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(payload, f))
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (disk full) as RuntimeError
-        warnings.warn(f"could not write the cache {path} ({checks.brief(exc)}); the data will be decoded again on the next "
-                      "load. Point root at a writable folder to keep a cache.", stacklevel=3)
+        failure = str(exc) if isinstance(exc, WriteError) else f"could not write the cache {path} ({checks.brief(exc)})"
+        warnings.warn(f"{failure}; the data will be decoded again on the next load. Point root at a writable "
+                      "folder with space to keep a cache.", stacklevel=3)
 
 
 def inspect_cache(path: Path, meta: dict[str, Any]) -> tuple[ImageClasses | None, str | None]:

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maml_func.data._files import check_counts, check_md5, load_release, place_archive, read_pickle, tar_members
+from maml_func.data._files import (check_counts, check_md5, describe, load_release, place_archive, read_pickle,
+                                   tar_members)
 from maml_func.data._io import SPLITS, resize_images, stack_classes
 from maml_func.data.classes import ImageClasses
 
@@ -197,17 +198,12 @@ def _read_cifar100(folder: Path, download: bool, fn: str) -> dict[str, _Class]:
         raise ValueError(f"{fn}: {where} lacks {', '.join(missing)}; it is not a complete CIFAR-100 release. "
                          + _REMEDY)
     meta = read_pickle(files["meta"], fn, f"{FOLDER}/meta", _REMEDY)
-    fine, coarse = list(meta.get("fine_label_names", [])), list(meta.get("coarse_label_names", []))
+    fine, coarse = (_label_names(meta, key, fn) for key in ("fine_label_names", "coarse_label_names"))
     images: list[list[torch.Tensor]] = [[] for _ in fine]
     superclass = ["" for _ in fine]
     for part in ("train", "test"):
         batch = read_pickle(files[part], fn, f"{FOLDER}/{part}", _REMEDY)
-        data = np.asarray(batch.get("data", np.zeros((0, 0), np.uint8)), dtype=np.uint8)
-        labels = np.asarray(batch.get("fine_labels", []), dtype=np.int64)
-        supers = np.asarray(batch.get("coarse_labels", []), dtype=np.int64)
-        if data.shape != (len(labels), 3 * _SIDE * _SIDE) or len(supers) != len(labels) or not fine:
-            raise ValueError(f"{fn}: {FOLDER}/{part} is not a CIFAR-100 batch (data [N, 3072] uint8 with "
-                             "fine_labels and coarse_labels). " + _REMEDY)
+        data, labels, supers = _batch(batch, len(fine), len(coarse), f"{fn}: {FOLDER}/{part}")
         pixels = torch.from_numpy(data.reshape(-1, 3, _SIDE, _SIDE).copy())
         for c in range(len(fine)):
             rows = torch.from_numpy(np.flatnonzero(labels == c))
@@ -221,3 +217,27 @@ def _read_cifar100(folder: Path, download: bool, fn: str) -> dict[str, _Class]:
             raise ValueError(f"{fn}: class {name} has {len(x)} images in {folder}, not {IMAGES_PER_CLASS}. " + _REMEDY)
         out[name] = (superclass[c], name, x)
     return out
+
+
+def _label_names(meta: object, key: str, fn: str) -> list[str]:
+    """``meta[key]``, checked: a non-empty list of names."""
+    value = meta.get(key) if isinstance(meta, dict) else meta
+    if not isinstance(value, list) or not value or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"{fn}: {FOLDER}/meta: {key} is {describe(value)}, not a list of class names. " + _REMEDY)
+    return value
+
+
+def _batch(batch: object, n_fine: int, n_coarse: int, origin: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch's ``data`` [N, 3072] uint8 and its fine and coarse labels [N], checked (types, shapes, ranges)."""
+    entries = [batch.get(k) if isinstance(batch, dict) else None for k in ("data", "fine_labels", "coarse_labels")]
+    arrays = [np.asarray(e) if isinstance(e, (list, np.ndarray)) else np.zeros((0, 0)) for e in entries]
+    data, labels, supers = arrays
+    well_formed = (data.dtype == np.uint8 and data.shape == (len(labels), 3 * _SIDE * _SIDE) and labels.ndim == 1
+                   and supers.shape == labels.shape and all(np.issubdtype(a.dtype, np.integer) for a in arrays))
+    if not well_formed:
+        raise ValueError(f"{origin} is not a CIFAR-100 batch (a dict with data [N, 3072] uint8 and fine_labels and "
+                         "coarse_labels, N ints each). " + _REMEDY)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_fine or supers.min() < 0 or supers.max() >= n_coarse):
+        raise ValueError(f"{origin} has labels outside the {n_fine} fine and {n_coarse} coarse classes of the meta "
+                         "file. " + _REMEDY)
+    return data, labels.astype(np.int64), supers.astype(np.int64)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from maml_func import checks
-from maml_func.data._files import check_counts, load_release, read_pickle
+from maml_func.data._files import check_counts, describe, load_release, read_pickle
 from maml_func.data._io import SPLITS, decode_image, resize_images, stack_classes
 from maml_func.data.classes import ImageClasses
 
@@ -160,25 +160,37 @@ def _from_pickle(path: Path, split: str, image_size: int) -> ImageClasses:
             and images.shape[-1] == 3 and isinstance(class_dict, dict)):
         raise ValueError(f"{_FN}: {path} is not a miniImageNet cache of Ren et al.: expected a dict with "
                          "image_data ([N, 84, 84, 3] uint8) and class_dict ({wnid: [indices]}). " + remedy)
-    class_dict = {k.decode() if isinstance(k, bytes) else str(k): list(v) for k, v in class_dict.items()}
+    class_dict = {k.decode() if isinstance(k, bytes) else str(k): v for k, v in class_dict.items()}
     problem = _wrong_classes(str(path), split, set(class_dict))
     if problem is not None:
         raise ValueError(problem)
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # [N, 3, H, W]
     names = sorted(class_dict)
-    stacks = []
-    for name in names:
-        rows = torch.as_tensor([int(i) for i in class_dict[name]], dtype=torch.int64)
-        if len(rows) != IMAGES_PER_CLASS or int(rows.min()) < 0 or int(rows.max()) >= len(pixels):
-            raise ValueError(f"{_FN}: {path} lists {len(rows)} images for class {name} (indices "
-                             f"{int(rows.min())}..{int(rows.max())} of {len(pixels)}), not {IMAGES_PER_CLASS}; "
-                             + remedy)
-        stacks.append(resize_images(pixels[rows], image_size))
-    return stack_classes(names, stacks)
+    rows = [_rows(path, name, class_dict[name], len(pixels), remedy) for name in names]  # all checked first
+    return stack_classes(names, [resize_images(pixels[r], image_size) for r in rows])
+
+
+def _rows(path: Path, name: str, value: object, n_images: int, remedy: str) -> torch.Tensor:
+    """``class_dict[name]`` as row indices into ``image_data``: :data:`IMAGES_PER_CLASS` ints in range."""
+    entry = f"{_FN}: {path}: class_dict[{name!r}]"
+    rows = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if rows is None or rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
+        raise ValueError(f"{entry} is {describe(value)}, not a list of row indices into image_data. {remedy}")
+    if len(rows) != IMAGES_PER_CLASS:
+        raise ValueError(f"{entry} lists {len(rows)} images, not {IMAGES_PER_CLASS}. {remedy}")
+    if rows.min() < 0 or rows.max() >= n_images:
+        raise ValueError(f"{entry} has indices {rows.min()}..{rows.max()}, outside image_data's 0..{n_images - 1}. "
+                         + remedy)
+    return torch.from_numpy(rows.astype(np.int64))
 
 
 def _from_csv(folder: Path, path: Path, split: str, image_size: int) -> ImageClasses:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{_FN}: {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                         f"{err.start}), so not one of Ravi & Larochelle's split files; use the files of "
+                         "github.com/twitter-research/meta-learning-lstm (data/miniImagenet/)") from None
     rows = [row for row in csv.reader(io.StringIO(text)) if row]
     if not rows or [c.strip() for c in rows[0]] != CSV_HEADER or any(len(r) != 2 for r in rows[1:]):
         raise ValueError(f"{_FN}: {path} is not one of Ravi & Larochelle's split files: expected the header "

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from maml_func import checks
-from maml_func.atomic import atomic_write
+from maml_func.atomic import WriteError, atomic_write
 from maml_func.data._files import existing_folder, fetch
 from maml_func.data._files import md5 as _md5
 from maml_func.data._io import decode_image, inspect_cache, write_cache
@@ -329,10 +329,13 @@ def _copy_into(location: Path, dest: Path, root: Path) -> None:
                          "untouched. Move it away or choose another root")
     with tempfile.TemporaryDirectory(dir=root, prefix=".copy-") as tmp:
         staged = Path(tmp) / dest.name
-        if location.is_dir():
-            shutil.copytree(location, staged)
-        else:
-            shutil.copyfile(location, staged)
+        try:
+            if location.is_dir():
+                shutil.copytree(location, staged)
+            else:
+                shutil.copyfile(location, staged)
+        except OSError as exc:  # a full disk; the temporary folder goes, so nothing is left
+            raise WriteError(dest, exc, location.stat().st_size if location.is_file() else None) from exc
         os.replace(staged, dest)
     if location.is_file():
         _record(root, dest.name, _md5(dest))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from maml_func import checks
-from maml_func.data._files import check_counts, find_first, load_release, read_pickle
+from maml_func.data._files import check_counts, describe, find_first, load_release, read_pickle
 from maml_func.data._io import SPLITS, decode_image
 from maml_func.data.classes import ImageClasses
 
@@ -105,9 +105,10 @@ def _decode_split(images_file: Path, labels_file: Path, split: str, image_size: 
     if not isinstance(labels, dict) or any(k not in labels for k in keys):
         raise ValueError(f"{_FN}: {labels_file} is not a tieredImageNet labels file: expected a dict with "
                          f"{', '.join(keys)}. {remedy}")
-    specific = np.asarray(labels["label_specific"]).astype(np.int64).ravel()
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in labels["label_specific_str"]]
-    categories = len(labels["label_general_str"])
+    specific = _indices(labels_file, "label_specific", labels["label_specific"], remedy)
+    _indices(labels_file, "label_general", labels["label_general"], remedy)
+    names = _names(labels_file, "label_specific_str", labels["label_specific_str"], remedy)
+    categories = len(_names(labels_file, "label_general_str", labels["label_general_str"], remedy))
     if len(names) != CLASS_COUNTS[split] or categories != CATEGORY_COUNTS[split]:
         raise ValueError(f"{_FN}: {labels_file} names {len(names)} classes in {categories} categories, not the "
                          f"published {CLASS_COUNTS[split]} in {CATEGORY_COUNTS[split]} for {split}. {remedy}")
@@ -133,3 +134,19 @@ def _decode_split(images_file: Path, labels_file: Path, split: str, image_size: 
                 raise ValueError(f"{_FN}: image {row} of {images_file} is not a readable PNG "
                                  f"({checks.brief(exc)}). {remedy}") from exc
     return ImageClasses(images, counts, names)
+
+
+def _indices(labels_file: Path, key: str, value: object, remedy: str) -> np.ndarray:
+    """Entry ``key`` of a labels file as int64 indices (one per image), or a ``ValueError`` naming it."""
+    array = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if array is None or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{_FN}: {labels_file}: {key} is {describe(value)}, not one integer index per image. "
+                         + remedy)
+    return array.astype(np.int64).ravel()
+
+
+def _names(labels_file: Path, key: str, value: object, remedy: str) -> list[str]:
+    """Entry ``key`` of a labels file as a list of names, or a ``ValueError`` naming it."""
+    if not isinstance(value, (list, tuple, np.ndarray)) or not all(isinstance(n, (str, bytes)) for n in value):
+        raise ValueError(f"{_FN}: {labels_file}: {key} is {describe(value)}, not a list of names. {remedy}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in value]
