@@ -38,6 +38,7 @@ _WHERE = "TrainConfig"
 _DTYPES = ("float32", "float64")
 _SCHEDULES = ("constant", "cosine")
 _BACKPROPS = ("unroll", "adjoint")
+_EXECUTIONS = ("auto", "vmap", "loop")  # maml_func.execution.EXECUTIONS, which imports torch
 _STEP_HINT = "; a step size is > 0 (e.g. inner_lr=0.4, meta_lr=0.001)"
 
 Check = Callable[[str, str, Any], Any]
@@ -250,6 +251,14 @@ class TrainConfig:
                                             group="Algorithm", resumable=True, metavar="N|none",
                                             check=_int(1, "; or None (one backward over the meta-batch)",
                                                        none_ok=True))
+    execution: str = option("auto", "how the tasks of a meta-batch run: auto (time one vmap, chunks of 2/4/8 and the "
+                            "loop on the first iterations, keep the fastest), vmap (chunk_size applies) or loop",
+                            group="Algorithm", check=_one_of(_EXECUTIONS), resumable=True,
+                            metavar="auto|vmap|loop")
+    max_memory_mb: float | None = option(None, "with execution auto: never choose a way whose memory rises by "
+                                         "more than this many MiB (the loop stays allowed; none: no limit)",
+                                         group="Algorithm", resumable=True, metavar="MB|none",
+                                         check=_positive(none_ok=True, expect="a positive number of MiB or None"))
     meta_batch: int = option(32, "tasks per meta-update", group="Optimization", check=_int(1), metavar="T")
     meta_lr: float = option(1e-3, "Adam step size", group="Optimization", check=_positive(_STEP_HINT),
                             metavar="LR")

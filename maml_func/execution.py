@@ -20,8 +20,8 @@ keeps the fastest for the rest of the run:
 - the choice and the timings are one line of the run's log and part of its
   checkpoint (``--resume`` keeps the choice and does not search again), and
   are cached per device, task shapes, model and algorithm
-  (``$MAML_FUNC_CACHE_DIR``, default ``~/.cache/maml_func``), so a second run
-  of the same set-up starts with the choice.
+  (``$MAML_FUNC_CACHE_DIR``, default ``~/.cache/maml_func``; ``off`` turns
+  the cache off), so a second run of the same set-up starts with the choice.
 
 ``"vmap"`` and ``"loop"`` skip the search (the algorithm's own ``chunk_size``
 applies to ``"vmap"``).
@@ -43,7 +43,7 @@ import torch
 from maml_func import checks
 from maml_func.tasks import TaskBatch
 
-__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "ways"]
+__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "default_cache_dir", "setup_key", "ways"]
 
 #: The execution policies: measure and choose, always one ``vmap`` (with ``chunk_size``), always the loop.
 EXECUTIONS = ("auto", "vmap", "loop")
@@ -266,10 +266,11 @@ class ExecutionPolicy:
             pass
 
 
-def default_cache_dir() -> Path:
-    """``$MAML_FUNC_CACHE_DIR``, else ``~/.cache/maml_func`` (``$XDG_CACHE_HOME`` respected)."""
+def default_cache_dir() -> Path | None:
+    """``$MAML_FUNC_CACHE_DIR`` (``off``: no cache), else ``~/.cache/maml_func`` (``$XDG_CACHE_HOME`` respected)."""
     if os.environ.get("MAML_FUNC_CACHE_DIR"):
-        return Path(os.environ["MAML_FUNC_CACHE_DIR"])
+        value = os.environ["MAML_FUNC_CACHE_DIR"]
+        return None if value.lower() == "off" else Path(value)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "maml_func"
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from maml_func.checkpoint import load_checkpoint
 from maml_func.core import MetaParams
 from maml_func.distributed import World, gather_objects, rank_seed
+from maml_func.execution import ExecutionPolicy
 from maml_func.rundir import checkpoint_path
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "TrainState", "check_resume"]
@@ -158,6 +159,9 @@ class TrainState:
         iteration: meta-updates applied so far.
         best_val_accuracy, best_iteration: best validation so far (``None`` before any).
         world: this process's rank among the ranks.
+        execution: how the tasks of each meta-iteration run, and its search
+            (:class:`~maml_func.execution.ExecutionPolicy`); ``None``: as the
+            algorithm is set up.
     """
 
     meta: MetaParams
@@ -167,6 +171,7 @@ class TrainState:
     best_val_accuracy: float | None = None
     best_iteration: int | None = None
     world: World = field(default_factory=World)
+    execution: ExecutionPolicy | None = None
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +197,7 @@ class TrainState:
             "cpu_rng": torch.get_rng_state(),
             "best_val_accuracy": self.best_val_accuracy,
             "best_iteration": self.best_iteration,
+            "execution": None if self.execution is None else self.execution.state_dict(),
         }
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
@@ -208,6 +214,8 @@ class TrainState:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = state["iteration"]
         self.best_val_accuracy, self.best_iteration = state["best_val_accuracy"], state["best_iteration"]
+        if self.execution is not None and isinstance(state.get("execution"), dict):
+            self.execution.load_state_dict(state["execution"])
         torch.set_rng_state(state["cpu_rng"])
         if state["train_generator_device"] == device.type:
             self.generator.set_state(state["train_generators"][me.rank] if "train_generators" in state

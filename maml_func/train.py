@@ -41,6 +41,7 @@ from maml_func.callbacks import Callback, check_callbacks
 from maml_func.config import PRESETS, TrainConfig, make_config, object_model_name
 from maml_func.distributed import World, agree, init_distributed, rank_seed
 from maml_func.evaluate import evaluate
+from maml_func.execution import ExecutionPolicy, default_cache_dir, setup_key
 from maml_func.rundir import (BEST, LAST, RunDirectory, RunDirectoryLocked, check_creatable, check_unlocked,
                               checkpoint_path, claimed, read_history)
 from maml_func.runs import (TrainResult, build_algorithm, check_buildable, check_outputs, evaluate_run,
@@ -49,7 +50,7 @@ from maml_func.state import Checkpoint, TrainState, check_resume
 from maml_func.step import (
     FiniteGuard, MetaStepOutOfMemory, NonFiniteLossError, is_out_of_memory, meta_gradient, meta_lr_at, train_step,
 )
-from maml_func.tasks import EpisodeSampler
+from maml_func.tasks import EpisodeSampler, TaskBatch
 
 __all__ = [
     "PRESETS", "MetaStepFailed", "MetaStepOutOfMemory", "NonFiniteLossError", "RunDirectoryLocked", "RunWriteError",
@@ -181,7 +182,10 @@ class _Run:
         ``elapsed_s``: wall time of the run so far; ``train_s``: of it, the time not spent validating.
         """
         config, device = self.config, state.device
-        ev = evaluate(self.algorithm, state.meta, self.val_sampler, num_tasks=config.val_tasks,
+        algorithm = self.algorithm  # run the policy's way once it has chosen (evaluation uses the same policy)
+        if state.execution is not None and not state.execution.searching:
+            algorithm = state.execution.algorithm(algorithm, min(config.meta_batch, config.val_tasks))
+        ev = evaluate(algorithm, state.meta, self.val_sampler, num_tasks=config.val_tasks,
                       steps=config.eval_inner_steps, batch_size=max(1, min(config.meta_batch, config.val_tasks)),
                       generator=torch.Generator(device=device).manual_seed(rank_seed(VAL_SEED, self.world.rank)),
                       distributed=self.world.size > 1)
@@ -193,6 +197,24 @@ class _Run:
             self.save(BEST, state)
         self.files.plot()
         return ev.final_accuracy
+
+    def search_started(self, state: TrainState, batch: TaskBatch) -> bool:
+        """Whether this iteration is part of the execution search (a cached choice ends it before it starts)."""
+        policy = state.execution
+        if policy is None or not policy.searching:
+            return False
+        if not policy.timings:  # a search not begun yet: a choice cached for this set-up ends it at once
+            policy.recall(setup_key(self.algorithm, batch, tasks_per_backward=self.config.tasks_per_backward))
+        return True
+
+    def search_ended(self, state: TrainState, batch: TaskBatch) -> str:
+        """Log the execution policy's choice once (``metrics.jsonl``, the callbacks), cache it; the line to show."""
+        policy = state.execution
+        assert policy is not None
+        policy.remember(setup_key(self.algorithm, batch, tasks_per_backward=self.config.tasks_per_backward))
+        self.log({"kind": "execution", "iteration": state.iteration, "choice": policy.choice,
+                  "cached": policy.from_cache, "timings": policy.timings})
+        return f"fit: {policy.summary()}"
 
     def checkpoint(self) -> Path | None:
         """The checkpoint a run that stops now leaves to resume from, or ``None``."""
@@ -303,6 +325,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
             batch = run.sampler.sample(config.meta_batch // world.size, state.generator)
             if batch.x_support.dtype != run.dtype:
                 batch = batch.to(dtype=run.dtype)
+            searching = run.search_started(state, batch)
             try:
                 window.add(_step.train_step(state, batch, run.algorithm, lr=meta_lr_at(config, state.iteration),
                                             tasks_per_backward=config.tasks_per_backward, guard=finite))
@@ -311,6 +334,10 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
             except (MemoryError, RuntimeError) as err:
                 raise run.step_failed(err, state.iteration + 1) from (None if is_out_of_memory(err) else err)
             bar.update(1)
+            if searching and not state.execution.searching:  # the choice, logged once
+                line = run.search_ended(state, batch)
+                if progress and world.is_main:
+                    bar.write(line)
             if due(config.log_every):
                 settle()
                 means = window.means()
@@ -498,8 +525,10 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
         # capturable on CUDA: Adam's step counts live on the device, so the finiteness guard never reads them back.
         optimizer = torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr,
                                      capturable=device.type == "cuda")
+        policy = ExecutionPolicy(config.execution, max_memory_mb=config.max_memory_mb, cache_dir=default_cache_dir())
         state = TrainState(meta, optimizer,
-                           torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me)
+                           torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me,
+                           execution=policy)
         if saved is not None:
             state.load(saved, config.seed)
         # Resuming from the run directory's own last.pt: it already holds the starting state.

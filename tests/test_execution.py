@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_core import TOL, classification_batch, rel_err
+from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
-from maml_func import MAML, build
+from maml_func import MAML, build, fit
 from maml_func.execution import ROUNDS, ExecutionPolicy, Way, setup_key, ways
 from maml_func.reference import loop_meta_grad
 
@@ -97,3 +98,35 @@ def test_fixed_modes_skip_the_search_and_a_second_run_reads_the_cache(tmp_path):
     assert not ExecutionPolicy("auto", cache_dir=tmp_path).recall(key)
     with pytest.raises(ValueError, match="mode must be one of"):
         ExecutionPolicy("fast")
+
+
+def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(glyphs, tmp_path, monkeypatch):
+    """meta_batch 4: vmap, chunk=2 and the loop, 2 iterations each; the run goes on past the search."""
+    config = tiny(glyphs, tmp_path / "a", iterations=8)
+    whole = fit(config, progress=False)
+    records = [r for r in whole.history if r["kind"] == "execution"]
+    assert len(records) == 1 and records[0]["iteration"] == 6 and not records[0]["cached"]
+    assert set(records[0]["timings"]) == {"vmap", "chunk=2", "loop"} and records[0]["choice"] in records[0]["timings"]
+    fit(config.replace(save_to=str(tmp_path / "b"), iterations=7), progress=False)
+    seen = []
+    original = ExecutionPolicy.run
+
+    def spy(self, algorithm, batch, device, step):
+        seen.append(self.searching)
+        return original(self, algorithm, batch, device, step)
+
+    monkeypatch.setattr(ExecutionPolicy, "run", spy)
+    resumed = fit(config.replace(save_to=str(tmp_path / "b")), resume=tmp_path / "b", progress=False)
+    assert seen == [False], "the resumed run did not search again"
+    assert_same_meta(resumed.meta, whole.meta)
+    looped = fit(tiny(glyphs, tmp_path / "c", execution="loop", iterations=2), progress=False)
+    assert not [r for r in looped.history if r["kind"] == "execution"]
+
+
+def test_a_second_run_of_the_same_setup_reads_the_cached_choice(glyphs, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAML_FUNC_CACHE_DIR", str(tmp_path / "cache"))
+    first = fit(tiny(glyphs, tmp_path / "a", iterations=6, val_every=0), progress=False)
+    second = fit(tiny(glyphs, tmp_path / "b", iterations=2, val_every=0), progress=False)
+    (a,) = [r for r in first.history if r["kind"] == "execution"]
+    (b,) = [r for r in second.history if r["kind"] == "execution"]
+    assert b["cached"] and b["iteration"] == 1 and b["choice"] == a["choice"]
