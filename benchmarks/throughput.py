@@ -77,6 +77,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from maml_func import MAML, Conv4, TaskBatch, meta_gradient
 from maml_func.models import ResNet12
 from maml_func.batching import auto_chunk_size
+from maml_func.execution import ROUNDS, ExecutionPolicy, ways
 from maml_func.reference import loop_meta_loss
 from maml_func.system import ENV as TUNE_MALLOC_ENV
 from maml_func.system import tune_malloc
@@ -124,7 +125,8 @@ class Workload:
     def key(self) -> str:
         """Short name for ``--workloads``, e.g. ``5w-s1-2nd``, ``mini-5w-s5-2nd``, ``r12-5w-s1-1st``."""
         prefix = {"conv4": "", "conv4-pool": "mini-", "resnet12": "r12-"}[self.model]
-        return f"{prefix}{self.n_way}w-s{self.steps}-{'1st' if self.first_order else '2nd'}"
+        tasks = f"-t{self.meta_batch}" if self.model != "conv4" and self.meta_batch != 4 else ""
+        return f"{prefix}{self.n_way}w-s{self.steps}-{'1st' if self.first_order else '2nd'}{tasks}"
 
     def describe(self) -> str:
         """The network and its inputs, for the setup lines."""
@@ -156,28 +158,41 @@ def standard_workloads(quick: bool, smoke: bool) -> list[Workload]:
 
 
 def extra_workloads(resnet_widths: tuple[int, ...]) -> list[Workload]:
-    """miniImageNet-shaped workloads, only on request (``--workloads``): MAML's Conv4, and ResNet-12."""
+    """miniImageNet-shaped workloads, only on request (``--workloads``): MAML's Conv4, and ResNet-12.
+
+    At the MAML paper's meta-batch (T = 4) and at T = 32 (keys ending ``-t32``).
+    """
     rgb = {"image_size": 84, "channels": 3, "inner_lr": 0.01}
-    return [Workload(5, 1, 15, 4, 5, False, model="conv4-pool", **rgb)] + [
-        Workload(5, 1, 15, 4, 1, fo, model="resnet12", widths=resnet_widths, **rgb) for fo in (False, True)]
+    return [Workload(5, 1, 15, t, 5, False, model="conv4-pool", **rgb) for t in (4, 32)] + [
+        Workload(5, 1, 15, t, 1, fo, model="resnet12", widths=resnet_widths, **rgb)
+        for t in (4, 32) for fo in (False, True)]
 
 
 # ----------------------------------------------------------------------------- rows
 @dataclass(frozen=True)
 class Method:
-    """A way to compute the meta-gradient: ``kind`` in loop / vmap / compiled."""
+    """A way to compute the meta-gradient: ``kind`` in policy / vmap / lib-loop / loop / compiled.
+
+    ``policy``: the library's default, ``fit``'s execution policy (``maml_func.execution``): the candidates
+    timed on the first iterations (the warm-up here), then its choice. ``lib-loop``: the library's per-task
+    loop (``vectorize=False``). ``loop``: the reference loop of ``maml_func.reference``.
+    """
 
     kind: str
-    chunk: int | str | None = "auto"  # vmap: chunk_size ("auto" = the library's default)
+    chunk: int | str | None = "auto"  # vmap: chunk_size ("auto" = the 1 MiB rule of maml_func.batching)
 
     @property
     def label(self) -> str:
         if self.kind == "loop":
             return "loop (autograd.grad)"
+        if self.kind == "lib-loop":
+            return "loop (vectorize=False)"
+        if self.kind == "policy":
+            return "policy (default)"
         if self.kind == "compiled":
             return "compiled (chunk=all)"
         if self.chunk == "auto":
-            return "vmap (default)"
+            return "vmap chunk=auto"
         return f"vmap chunk={'all' if self.chunk is None else self.chunk}"
 
 
@@ -189,9 +204,12 @@ class Runner:
         torch.manual_seed(seed)
         self.wl, self.method, self.batches, self.device = wl, method, batches, device
         self.model = wl.build_model().to(device)
-        kwargs = {} if method.chunk == "auto" else {"chunk_size": method.chunk}
+        kwargs: dict[str, Any] = {} if method.chunk == "auto" else {"chunk_size": method.chunk}
+        if method.kind == "lib-loop":
+            kwargs = {"vectorize": False}
         self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order,
                          **kwargs)
+        self.policy = ExecutionPolicy("auto") if method.kind == "policy" else None
         self.meta = self.maml.init()
         self.opt = torch.optim.Adam(self.maml.parameters(self.meta), lr=1e-3)
         self.i = 0
@@ -209,8 +227,10 @@ class Runner:
         self.loss_fn = loss_fn
 
     def resolved_chunk(self) -> str:
-        """What ``chunk_size`` the vectorized path really used for this batch."""
-        if self.method.kind == "loop":
+        """What ``chunk_size`` the vectorized path really used for this batch (the policy: its choice)."""
+        if self.policy is not None:
+            return str(self.policy.choice)
+        if self.method.kind in ("loop", "lib-loop"):
             return "-"
         chunk = self.maml.chunk_size
         if chunk == "auto":  # resolved per batch by the library's execution policy: the row shows its choice
@@ -221,8 +241,28 @@ class Runner:
         batch = self.batches[self.i % len(self.batches)]
         self.i += 1
         self.opt.zero_grad(set_to_none=True)
-        self.loss_fn(batch).backward()
+        if self.policy is not None:  # timed by the policy itself while it searches, as in fit
+            self.policy.run(self.maml, batch, self.device, lambda algo: algo.meta_loss(self.meta, batch)[0].backward())
+        else:
+            self.loss_fn(batch).backward()
         self.opt.step()
+
+    def search(self) -> dict[str, Any]:
+        """The policy's search (real iterations, as the first ones of a run): its choice and what it cost.
+
+        ``search_cost_pct``: the search's extra time over running the choice from the start, as a share of
+        a 1000-iteration run at the choice's speed.
+        """
+        assert self.policy is not None
+        while self.policy.searching:
+            self.step()
+        timings = self.policy.timings
+        chosen = timings[self.policy.choice]["seconds"]
+        extra = sum(ROUNDS * (t["seconds"] - chosen) for t in timings.values() if "seconds" in t)
+        return {"choice": self.policy.choice,
+                "search": {k: round(v["seconds"] * 1e3) if "seconds" in v else v["skipped"] for k, v in timings.items()},
+                "search_memory_mb": {k: v.get("memory_mb") for k, v in timings.items()},
+                "search_cost_pct": 100 * extra / (1000 * chosen)}
 
 
 def sync(device: torch.device) -> None:
@@ -338,7 +378,7 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     wl = Workload.from_dict(spec["workload"])
-    method = Method(spec["kind"], spec["chunk"])
+    method = Method(spec["kind"], spec["chunk"])  # kinds vmap, loop, lib-loop
     batches = make_batches(wl, 1, device, None, seed=0)
     runner = Runner(wl, method, batches, device)
     split = spec.get("split")
@@ -364,6 +404,20 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     # Without a reset the high-water mark may be the import's, not the iteration's: say so.
     peak = _status_bytes("VmHWM")
     return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base, "peak_since_start": not exact}
+
+
+def memory_kind(row: dict[str, Any]) -> tuple[str, int | str | None]:
+    """``(kind, chunk)`` of the memory probe of a row: the policy's row is probed as the way it chose."""
+    label, chunk = row["method"], row["chunk"]
+    if label == "loop (autograd.grad)":
+        return "loop", None
+    if label == "loop (vectorize=False)" or chunk == "loop":
+        return "lib-loop", None
+    if label == "vmap chunk=auto":
+        return "vmap", "auto"
+    if chunk in ("all", "vmap"):
+        return "vmap", None
+    return "vmap", int(str(chunk).removeprefix("chunk="))
 
 
 def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -428,6 +482,8 @@ def time_rows(runners: list[Runner], repeats: int, device: torch.device) -> list
     for r in runners:
         entry: dict[str, Any] = {"times": [], "faults": [], "error": None}
         try:
+            if getattr(r, "policy", None) is not None:
+                entry["search"] = r.search()  # the policy's warm-up is its search
             sync(device)
             t0 = time.perf_counter()
             r.step()  # the compiled row compiles here
@@ -474,7 +530,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['tasks_per_s']:8.1f} {r['speedup_vs_loop']:6.2f}x {r['gflop']:6.1f} {r['gflop_per_s']:8.1f} "
               f"{r['utilization']:5.0%} {fmt_bytes(mem.get('peak_bytes')):>8} {fmt_bytes(mem.get('rise_bytes')):>8} "
               f"{r['faults_median'] if r['faults_median'] is not None else '-':>7}"
-              + (f"  (compile {r['compile_s']:.0f} s)" if r.get("compile_s") else ""))
+              + (f"  (compile {r['compile_s']:.0f} s)" if r.get("compile_s") else "")
+              + (f"  ({r['vs_best_candidate']:.2f}x the best candidate, {r['best_candidate']}; search "
+                 f"{r['search_cost_pct']:.2f}% of 1000 iterations)" if "vs_best_candidate" in r else ""))
 
 
 def parse_chunks(text: str) -> list[int | None]:
@@ -511,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
                         "5w-s5-1st, 20w-s1-2nd (default: all); or the miniImageNet-shaped ones, never run by "
-                        "default: mini-5w-s5-2nd (MAML's Conv4-32), r12-5w-s1-2nd, r12-5w-s1-1st (ResNet-12)")
+                        "default: mini-5w-s5-2nd (MAML's Conv4-32), r12-5w-s1-2nd, r12-5w-s1-1st (ResNet-12), at "
+                        "T = 4, and the same with -t32 at T = 32")
     p.add_argument("--resnet-widths", type=parse_widths, default=(64, 160, 320, 640),
                    help="ResNet-12 filters per block for the r12 workloads (default 64,160,320,640)")
     p.add_argument("--compile", choices=("none", "first", "all"), default=None,
@@ -596,7 +655,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for wi, wl in enumerate(workloads):
         sampler = make_sampler(classes, wl)
         batches = make_batches(wl, 2, device, sampler, seed=wi)
-        methods = [Method("vmap"), Method("loop")] + [Method("vmap", c) for c in chunks]
+        candidates = [Method("vmap", w.chunk_size) for w in ways(wl.meta_batch) if w.vectorize]
+        extra = [Method("vmap", c) for c in chunks if Method("vmap", c) not in candidates]
+        methods = [Method("policy"), Method("loop"), *candidates, *extra, Method("lib-loop")]
         if compile_mode == "all" or (compile_mode == "first" and wi == 0):
             # One vmap over the whole meta-batch: the smallest graph to compile (chunks would be unrolled).
             methods.append(Method("compiled", None))
@@ -611,6 +672,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row["error"] = st["error"] or "no timing"
                 rows.append(row)
                 continue
+            row.update(st.get("search", {}))
             med = statistics.median(st["times"])
             row.update({
                 "ms_median": med * 1e3, "ms_min": min(st["times"]) * 1e3, "ms_max": max(st["times"]) * 1e3,
@@ -620,6 +682,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "compile_s": r.compile_s, "repeats": len(st["times"]),
             })
             rows.append(row)
+        here = [r for r in rows if r["workload"] == wl.name and "ms_median" in r]
+        best = min((r for r in here if r["method"] not in ("policy (default)", "loop (autograd.grad)")),
+                   key=lambda r: r["ms_median"], default=None)
+        for r in here:
+            if r["method"] == "policy (default)" and best is not None:
+                r["vs_best_candidate"] = r["ms_median"] / best["ms_median"]
+                r["best_candidate"] = best["method"]
         del runners, batches
         print(f"[{time.perf_counter() - start:5.0f} s] {wl.name}: "
               + ", ".join(f"{r['method']} {r['ms_median']:.0f} ms" if 'ms_median' in r else f"{r['method']} failed"
@@ -629,9 +698,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for row in rows:
             if row.get("error") or row["method"].startswith("compiled"):
                 continue
-            kind = "loop" if row["method"].startswith("loop") else "vmap"
-            chunk: int | str | None = "auto" if row["method"] == "vmap (default)" else (
-                None if row["chunk"] in ("all", "-") else int(row["chunk"]))
+            kind, chunk = memory_kind(row)
             spec = {"device": str(device), "workload": row["config"], "kind": kind, "chunk": chunk,
                     "malloc": args.malloc, "threads": args.threads}
             row["memory"] = measure_memory(spec, device)

@@ -11,9 +11,14 @@ convolutions, ``"auto"`` times the candidates on the first meta-iterations of
 a run, which are real training iterations (their gradients are applied), and
 keeps the fastest for the rest of the run:
 
-- candidates: one ``vmap``, chunks of 2, 4 and 8 tasks (those below the
-  meta-batch), the loop; each runs ``ROUNDS`` iterations and is timed on the
-  last (the first pays one-off costs);
+- candidates, from the least memory to the most: the loop, chunks of 2, 4 and
+  8 tasks (those below the meta-batch), one ``vmap``; each runs ``ROUNDS``
+  iterations and is timed on the last (the first pays one-off costs). A
+  chunk's temporaries grow with its size, so from the loop's and the first
+  chunk's memory the policy predicts the next one's and skips a candidate
+  that would not fit (in the memory the system has available, or in
+  ``max_memory_mb``); one that runs out of memory all the same is dropped and
+  the iteration re-run the way chosen so far;
 - the choice: among the candidates within 5% of the fastest, the one whose
   memory rose least (the peak resident set on the CPU, the peak allocation
   on CUDA), and never one over ``max_memory_mb`` when that is set;
@@ -83,9 +88,27 @@ class Way:
 
 
 def ways(num_tasks: int) -> list[Way]:
-    """The candidates for a meta-batch of ``num_tasks``: one ``vmap``, chunks of 2, 4, 8 below it, the loop."""
+    """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one ``vmap``."""
     chunks = [Way(c) for c in _CHUNKS if c < num_tasks]
-    return [Way(None), *chunks, Way(None, False)] if num_tasks > 1 else [Way(None)]
+    return [Way(None, False), *chunks, Way(None)] if num_tasks > 1 else [Way(None)]
+
+
+def _tasks_per_call(way: Way, num_tasks: int) -> int:
+    return 1 if not way.vectorize else num_tasks if way.chunk_size is None else min(int(way.chunk_size), num_tasks)
+
+
+def _available_mb(device: torch.device) -> float | None:
+    """Memory the system can still give (MiB): CUDA's free memory, or the kernel's MemAvailable; ``None``: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _resident_bytes(field: str) -> int:
@@ -120,6 +143,11 @@ class _Memory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - before
         return _resident_bytes("VmHWM") - before if self.cpu else None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def _sync(device: torch.device) -> None:
@@ -172,6 +200,27 @@ class ExecutionPolicy:
         self.choice = self._choose()
         return Way.parse(self.choice)
 
+    def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
+        """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two smallest."""
+        measured = [(_tasks_per_call(Way.parse(n), num_tasks), t["memory_mb"]) for n, t in self.timings.items()
+                    if t.get("memory_mb") is not None and "seconds" in t]
+        if len(measured) < 2:
+            return None
+        (n0, m0), (n1, m1) = sorted(measured)[:2]
+        slope = max(m1 - m0, 0.0) / max(n1 - n0, 1)
+        return m1 + slope * (_tasks_per_call(way, num_tasks) - n1)
+
+    def _skip_what_cannot_fit(self, num_tasks: int, device: torch.device) -> None:
+        """Mark the untimed candidates predicted to exceed the budget or the available memory as skipped."""
+        limit = [m for m in (self.max_memory_mb, _available_mb(device)) if m is not None]
+        for way in ways(num_tasks):
+            entry = self.timings.get(way.name, {})
+            if entry.get("runs", 0) or not limit:
+                continue
+            predicted = self._predicted_mb(way, num_tasks)
+            if predicted is not None and predicted > 0.9 * min(limit):
+                self.timings[way.name] = {"runs": ROUNDS, "skipped": f"needs about {predicted:.0f} MiB"}
+
     def algorithm(self, algorithm: Any, num_tasks: int) -> Any:
         """``algorithm`` set up to run the next meta-iteration the policy's way (each variant made once)."""
         way = self.way(num_tasks)
@@ -189,6 +238,8 @@ class ExecutionPolicy:
 
         ``step`` is one meta-iteration (e.g. :func:`maml_func.step.meta_gradient` of ``batch``).
         """
+        if self.searching:
+            self._skip_what_cannot_fit(batch.num_tasks, device)
         variant = self.algorithm(algorithm, batch.num_tasks)
         if not self.searching:
             return step(variant)
@@ -196,7 +247,13 @@ class ExecutionPolicy:
         memory = _Memory(device)
         _sync(device)
         before, start = memory.start(), time.perf_counter()
-        out = step(variant)
+        try:
+            out = step(variant)
+        except (MemoryError, RuntimeError) as err:
+            if way.name == "loop" or not _out_of_memory(err):
+                raise
+            self.timings[way.name] = {"runs": ROUNDS, "skipped": "out of memory"}
+            return self.run(algorithm, batch, device, step)  # this iteration again, another way
         _sync(device)
         seconds, rise = time.perf_counter() - start, memory.rise(before)
         entry = self.timings.setdefault(way.name, {"runs": 0})
@@ -207,7 +264,7 @@ class ExecutionPolicy:
         return out
 
     def _choose(self) -> str:
-        timed = {name: t for name, t in self.timings.items() if t.get("runs", 0) >= ROUNDS}
+        timed = {name: t for name, t in self.timings.items() if t.get("runs", 0) >= ROUNDS and "seconds" in t}
         allowed = {name: t for name, t in timed.items() if name == "loop" or self.max_memory_mb is None
                    or t["memory_mb"] is None or t["memory_mb"] <= self.max_memory_mb} or timed
         fastest = min(t["seconds"] for t in allowed.values())
@@ -216,9 +273,9 @@ class ExecutionPolicy:
 
     def summary(self) -> str:
         """One line: the choice, and each candidate's time and memory."""
-        parts = ", ".join(f"{name} {t['seconds'] * 1e3:.0f} ms"
+        parts = ", ".join(f"{name} skipped: {t['skipped']}" if "skipped" in t else f"{name} {t['seconds'] * 1e3:.0f} ms"
                           + ("" if t.get("memory_mb") is None else f" +{t['memory_mb']:.0f} MiB")
-                          for name, t in self.timings.items() if "seconds" in t)
+                          for name, t in self.timings.items())
         source = " (cached)" if self.from_cache else ""
         return f"execution: {self.choice}{source}" + (f" ({parts})" if parts else "")
 

@@ -525,7 +525,9 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
         # capturable on CUDA: Adam's step counts live on the device, so the finiteness guard never reads them back.
         optimizer = torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr,
                                      capturable=device.type == "cuda")
-        policy = ExecutionPolicy(config.execution, max_memory_mb=config.max_memory_mb, cache_dir=default_cache_dir())
+        # Across ranks each would time alone and might choose another way: they run one vmap (chunk_size) instead.
+        mode = "vmap" if config.execution == "auto" and me.size > 1 else config.execution
+        policy = ExecutionPolicy(mode, max_memory_mb=config.max_memory_mb, cache_dir=default_cache_dir())
         state = TrainState(meta, optimizer,
                            torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me,
                            execution=policy)

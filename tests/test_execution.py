@@ -101,8 +101,13 @@ def test_fixed_modes_skip_the_search_and_a_second_run_reads_the_cache(tmp_path):
 
 
 def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(glyphs, tmp_path, monkeypatch):
-    """meta_batch 4: vmap, chunk=2 and the loop, 2 iterations each; the run goes on past the search."""
-    config = tiny(glyphs, tmp_path / "a", iterations=8)
+    """meta_batch 4: the loop, chunk=2 and vmap, 2 iterations each; the run goes on past the search.
+
+    The choice follows timings, which differ from run to run; for two runs to be comparable bit for bit,
+    both choose chunk=2 here (what is tested is that a resumed run keeps its checkpoint's choice).
+    """
+    monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "chunk=2")
+    config = tiny(glyphs, tmp_path / "a", iterations=8, execution="auto")
     whole = fit(config, progress=False)
     records = [r for r in whole.history if r["kind"] == "execution"]
     assert len(records) == 1 and records[0]["iteration"] == 6 and not records[0]["cached"]
@@ -110,6 +115,7 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     fit(config.replace(save_to=str(tmp_path / "b"), iterations=7), progress=False)
     seen = []
     original = ExecutionPolicy.run
+    monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "vmap")  # a new search would choose otherwise
 
     def spy(self, algorithm, batch, device, step):
         seen.append(self.searching)
@@ -118,15 +124,42 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     monkeypatch.setattr(ExecutionPolicy, "run", spy)
     resumed = fit(config.replace(save_to=str(tmp_path / "b")), resume=tmp_path / "b", progress=False)
     assert seen == [False], "the resumed run did not search again"
-    assert_same_meta(resumed.meta, whole.meta)
+    assert_same_meta(resumed.meta, whole.meta)  # it ran chunk=2, its checkpoint's choice
     looped = fit(tiny(glyphs, tmp_path / "c", execution="loop", iterations=2), progress=False)
     assert not [r for r in looped.history if r["kind"] == "execution"]
 
 
 def test_a_second_run_of_the_same_setup_reads_the_cached_choice(glyphs, tmp_path, monkeypatch):
     monkeypatch.setenv("MAML_FUNC_CACHE_DIR", str(tmp_path / "cache"))
-    first = fit(tiny(glyphs, tmp_path / "a", iterations=6, val_every=0), progress=False)
-    second = fit(tiny(glyphs, tmp_path / "b", iterations=2, val_every=0), progress=False)
+    first = fit(tiny(glyphs, tmp_path / "a", iterations=6, val_every=0, execution="auto"), progress=False)
+    second = fit(tiny(glyphs, tmp_path / "b", iterations=2, val_every=0, execution="auto"), progress=False)
     (a,) = [r for r in first.history if r["kind"] == "execution"]
     (b,) = [r for r in second.history if r["kind"] == "execution"]
     assert b["cached"] and b["iteration"] == 1 and b["choice"] == a["choice"]
+
+
+def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dropped(monkeypatch):
+    algorithm = MAML(small_cnn(), inner_lr=0.3)
+    batch = classification_batch(9, n_way=3, k=2, q=2, size=4)
+    meta = algorithm.init()
+    policy = ExecutionPolicy("auto", max_memory_mb=100.0)
+    policy.timings = {"loop": {"runs": 2, "seconds": 1.0, "memory_mb": 10.0},
+                      "chunk=2": {"runs": 2, "seconds": 0.8, "memory_mb": 40.0}}
+    calls = []
+
+    def step(variant):
+        calls.append(Way(variant.chunk_size, variant.vectorize).name)
+        if variant.chunk_size == 4:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return variant.meta_loss(meta, batch)[0]
+
+    # chunk=4 is predicted at 40 + 30 * 2 = 100 MiB: under 0.9 * 100? no: skipped; so are chunk=8 and vmap.
+    policy.run(algorithm, batch, torch.device("cpu"), step)
+    assert policy.choice == "chunk=2" and calls == ["chunk=2"]
+    assert policy.timings["chunk=4"]["skipped"].startswith("needs about") and "vmap skipped" in policy.summary()
+    roomy = ExecutionPolicy("auto")
+    roomy.timings = {"loop": {"runs": 2, "seconds": 1.0, "memory_mb": None},
+                     "chunk=2": {"runs": 2, "seconds": 0.8, "memory_mb": None}}
+    calls.clear()
+    roomy.run(algorithm, batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=8 runs instead
+    assert calls == ["chunk=4", "chunk=8"] and roomy.timings["chunk=4"] == {"runs": 2, "skipped": "out of memory"}

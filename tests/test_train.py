@@ -75,6 +75,9 @@ def tiny(glyphs: Path, save_to: Path | None, **changes: object) -> TrainConfig:
         n_query=2, meta_batch=4, inner_steps=1, eval_inner_steps=2, iterations=6, val_every=3, val_tasks=6,
         save_every=2, log_every=1, device="cpu", seed=3, rotations=True,
         save_to=None if save_to is None else str(save_to),
+        # One way of running the tasks: the execution search chooses by timing, and these tests compare runs bit
+        # for bit (tests/test_execution.py tests the search).
+        execution="vmap",
     )
     values.update(changes)
     return make_config(**values)

@@ -46,6 +46,7 @@ __all__ = [
     "init_meta",
     "map_algorithm",
     "merge_buffers",
+    "meta_buffers",
     "meta_parameters",
     "model_loss",
     "random_layers",
@@ -194,6 +195,13 @@ def meta_parameters(meta: MetaParams) -> list[Tensor]:
     return [*meta["model"].values(), *meta["rule"].values()]
 
 
+def meta_buffers(meta: MetaParams, model: nn.Module) -> Params:
+    """``meta["buffers"]``; for meta-parameters made without them (``{"model": ..., "rule": ...}``), the model's own."""
+    if "buffers" in meta:
+        return meta["buffers"]
+    return {k: v.detach() for k, v in model.named_buffers()}
+
+
 def init_meta(model: nn.Module, rule_params: Params) -> MetaParams:
     """``{"model": params, "rule": rule_params, "buffers": buffers}``: fresh copies, learned leaves with grad."""
     params, buffers = params_and_buffers(model)
@@ -330,8 +338,9 @@ def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,
     def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
         points = path(meta, xs, ys)
         if query_buffers is None:
-            return score_path(algorithm.model, points, meta["buffers"], xq, yq, algorithm.loss)
-        return stack_metrics([score(algorithm.model, p, query_buffers(meta["buffers"], j), xq, yq, algorithm.loss)[0]
+            return score_path(algorithm.model, points, meta_buffers(meta, algorithm.model), xq, yq, algorithm.loss)
+        buffers = meta_buffers(meta, algorithm.model)
+        return stack_metrics([score(algorithm.model, p, query_buffers(buffers, j), xq, yq, algorithm.loss)[0]
                               for j, p in enumerate(points)])
 
     return map_algorithm(algorithm, fn, meta, batch)

@@ -44,7 +44,8 @@ from torch.func import grad, grad_and_value, vjp
 
 from maml_func import checks
 from maml_func.algorithms.base import (
-    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, model_loss, random_layers, task_loss,
+    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, meta_buffers, model_loss, random_layers,
+    task_loss,
 )
 from maml_func.core import MetaParams, Params, accuracy, apply_model
 from maml_func.inner import InnerRule, adapt_trajectory
@@ -189,7 +190,7 @@ class IMAML(PlainRuleAlgorithm):
         steps = self.inner_steps if steps is None else checks.integer("IMAML", "steps", steps, minimum=0)
         anchor = {k: v.detach() for k, v in meta["model"].items()}
 
-        buffers = meta["buffers"]
+        buffers = meta_buffers(meta, self.model)
 
         def proximal(p: Params) -> Tensor:
             distance = sum((p[k] - anchor[k]).square().sum() for k in p)
@@ -229,9 +230,10 @@ class IMAML(PlainRuleAlgorithm):
         for ``loss="mse"``): the query loss after adaptation, whose gradient
         with respect to ``meta["model"]`` is :meth:`implicit_gradient`'s.
         """
-        names, buffers = tuple(meta["model"]), tuple(meta["buffers"])
-        out = _ImplicitLoss.apply(self, (names, buffers), x_support, y_support, x_query, y_query,
-                                  *meta["model"].values(), *meta["buffers"].values())
+        buffers = meta_buffers(meta, self.model)
+        names = tuple(meta["model"])
+        out = _ImplicitLoss.apply(self, (names, tuple(buffers)), x_support, y_support, x_query, y_query,
+                                  *meta["model"].values(), *buffers.values())
         metrics = {"loss": out[0]}
         if self.loss == "cross_entropy":
             metrics["accuracy"] = out[1]

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from maml_func import checks
 from maml_func.algorithms.adjoint import BACKPROPS, adjoint_trajectory
 from maml_func.algorithms.base import (
-    Metrics, check_options, evaluate_paths, init_meta, map_algorithm, meta_parameters, model_loss, random_layers,
+    Metrics, check_options, evaluate_paths, init_meta, map_algorithm, meta_buffers, meta_parameters, model_loss,
+    random_layers,
     resolve_rule, score, with_buffers,
 )
 from maml_func.core import MetaParams, Params, combine, partition
@@ -263,7 +264,7 @@ class MAML:
 
         steps = self.inner_steps if steps is None else checks.integer(type(self).__name__, "steps", steps, minimum=0)
         path, buffers = adapt_trajectory(support_loss, adapted, rule=self._rule, rule_params=meta["rule"],
-                                         steps=steps, first_order=first_order, indexed=True, state=meta["buffers"])
+                                         steps=steps, first_order=first_order, indexed=True, state=meta_buffers(meta, self.model))
         return [combine(p, frozen) for p in path], buffers
 
     def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
@@ -310,7 +311,7 @@ class MAML:
         return adjoint_trajectory(partial(self._support_loss, double_backward=True), adapted, frozen, x_support,
                                   y_support, rule=self._rule, rule_params=meta["rule"], steps=self.inner_steps,
                                   every_step=every_step, checkpoint_every=self.checkpoint_every,
-                                  buffers=meta["buffers"])
+                                  buffers=meta_buffers(meta, self.model))
 
     def _support_loss(self, params: Params, buffers: Params, x: Tensor, y: Tensor, *,
                       double_backward: bool = False) -> tuple[Tensor, Params]:

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.algorithms.base import (
-    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, model_loss, score, with_buffers,
+    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, meta_buffers, model_loss, score,
+    with_buffers,
 )
 from maml_func.core import MetaParams, Params
 from maml_func.inner import InnerRule, adapt_trajectory
@@ -139,7 +140,7 @@ class Reptile(PlainRuleAlgorithm):
 
         # No gradient flows through Reptile's inner loop, so it is first order by definition.
         return adapt_trajectory(support_loss, dict(meta["model"]), rule=self._rule, rule_params=meta["rule"],
-                                steps=steps, first_order=True, indexed=True, state=meta["buffers"])
+                                steps=steps, first_order=True, indexed=True, state=meta_buffers(meta, self.model))
 
     def trajectory(
         self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
