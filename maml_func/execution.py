@@ -13,15 +13,18 @@ keeps the fastest for the rest of the run:
 
 - candidates, from the least memory to the most: the loop, chunks of 2, 4 and
   8 tasks (those below the meta-batch), one ``vmap``; each runs ``ROUNDS``
-  iterations and is timed on the last (the first pays one-off costs). A
+  iterations, the fastest after the first counts (the first pays one-off
+  costs, and a shared machine's hiccups only ever slow a run down). A
   chunk's temporaries grow with its size, so from the loop's and the first
   chunk's memory the policy predicts the next one's and skips a candidate
   that would not fit (in the memory the system has available, or in
   ``max_memory_mb``); one that runs out of memory all the same is dropped and
   the iteration re-run the way chosen so far;
-- the choice: among the candidates within 5% of the fastest, the one whose
-  memory rose least (the peak resident set on the CPU, the peak allocation
-  on CUDA), and never one over ``max_memory_mb`` when that is set;
+- the choice: among the candidates within 3% of the fastest, the one whose
+  memory rose least (on the CPU the peak resident set over the process's
+  before the search, which an allocator that keeps freed memory makes the
+  honest measure; on CUDA the peak allocation), and never one over
+  ``max_memory_mb`` when that is set;
 - the choice and the timings are one line of the run's log and part of its
   checkpoint (``--resume`` keeps the choice and does not search again), and
   are cached per device, task shapes, model and algorithm
@@ -37,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -52,10 +56,10 @@ __all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "default_cache_dir"
 
 #: The execution policies: measure and choose, always one ``vmap`` (with ``chunk_size``), always the loop.
 EXECUTIONS = ("auto", "vmap", "loop")
-#: Iterations each candidate runs during the search; the last one is timed.
-ROUNDS = 2
+#: Iterations each candidate runs during the search; all but the first are timed, the fastest counts.
+ROUNDS = 3
 # Candidates this close to the fastest count as fast; the one of them that needs least memory is taken.
-_TIE = 0.05
+_TIE = 0.03
 _CHUNKS = (2, 4, 8)
 
 
@@ -112,18 +116,28 @@ def _available_mb(device: torch.device) -> float | None:
 
 
 def _resident_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+    """A field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
 class _Memory:
-    """The peak memory rise of one call: CUDA's peak allocation, or the CPU's peak resident set (Linux)."""
+    """The peak memory rise of one call: CUDA's peak allocation, or the CPU's peak resident set (Linux).
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    On the CPU the rise is counted from ``baseline``, the resident set before
+    the search: glibc as the library tunes it keeps freed memory, so what an
+    earlier candidate left resident is not this one's rise, while its peak over
+    the baseline is what the run would need.
+    """
+
+    def __init__(self, device: torch.device, baseline: int) -> None:
+        self.device, self.baseline = device, baseline
         self.cpu = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
 
     def start(self) -> int:
@@ -135,9 +149,7 @@ class _Memory:
                 Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from now
             except OSError:
                 self.cpu = False
-                return 0
-            return _resident_bytes("VmRSS")
-        return 0
+        return self.baseline
 
     def rise(self, before: int) -> int | None:
         if self.device.type == "cuda":
@@ -181,6 +193,7 @@ class ExecutionPolicy:
         self.timings: dict[str, dict[str, Any]] = {}  # way -> {"runs": n, "seconds": s, "memory_mb": m}
         self.from_cache = False
         self._variants: dict[tuple[int, Way], Any] = {}
+        self._baseline: int | None = None  # the resident set before the search (CPU)
 
     # ------------------------------------------------------------ the choice
     @property
@@ -244,7 +257,9 @@ class ExecutionPolicy:
         if not self.searching:
             return step(variant)
         way = self.way(batch.num_tasks)
-        memory = _Memory(device)
+        if self._baseline is None:
+            self._baseline = _resident_bytes("VmRSS") if device.type == "cpu" else 0
+        memory = _Memory(device, self._baseline)
         _sync(device)
         before, start = memory.start(), time.perf_counter()
         try:
@@ -257,8 +272,11 @@ class ExecutionPolicy:
         _sync(device)
         seconds, rise = time.perf_counter() - start, memory.rise(before)
         entry = self.timings.setdefault(way.name, {"runs": 0})
-        entry.update(runs=entry["runs"] + 1, seconds=seconds,
-                     memory_mb=None if rise is None else round(rise / 2**20, 1))
+        entry["runs"] += 1
+        if entry["runs"] > 1:  # the first run of a way pays its one-off costs: not counted
+            entry["seconds"] = min(seconds, entry.get("seconds", math.inf))
+            mb = None if rise is None else round(rise / 2**20, 1)
+            entry["memory_mb"] = mb if entry.get("memory_mb") is None or mb is None else max(mb, entry["memory_mb"])
         if all(self.timings.get(w.name, {}).get("runs", 0) >= ROUNDS for w in ways(batch.num_tasks)):
             self.choice = self._choose()
         return out

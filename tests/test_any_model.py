@@ -108,6 +108,32 @@ def test_users_models_with_learned_rates_and_anil_equal_the_loop(name):
     assert rel_err(got, only_head) < TOL
 
 
+R18_MODES = {  # options of MAML, reference (steps, first order), learned rates / head only
+    "fomaml_vmap": ({"first_order": True, "chunk_size": None}, 1, True, None),
+    "maml_s2_chunked": ({"inner_steps": 2, "chunk_size": 2}, 2, False, None),
+    "maml_loop": ({"vectorize": False}, 1, False, None),
+    "metasgd_vmap": ({"rule": "meta_sgd", "chunk_size": None}, 1, False, "rates"),
+    "anil_vmap": ({"adapt_only": "fc", "chunk_size": None}, 1, False, "head"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", R18_MODES)
+def test_torchvision_resnet18_in_every_mode_equals_the_loop(mode):
+    model = make(lambda: torchvision.models.resnet18(num_classes=3))
+    batch = classification_batch(3, n_way=3, k=2, q=1, size=16, channels=3)
+    options, steps, first_order, learned = dict(R18_MODES[mode][0]), *R18_MODES[mode][1:]
+    lr, rate = 0.01, None
+    if learned == "rates":
+        options["rule"] = meta_sgd(lr)
+        rate = lambda r, n: r[n]  # noqa: E731
+    elif learned == "head":
+        options["adapt_only"] = lambda n: n.startswith("fc.")
+        rate = lambda r, n: lr if n.startswith("fc.") else 0.0  # noqa: E731
+    got, meta = algorithm_grads(MAML(model, inner_lr=None if learned == "rates" else lr, **options), batch)
+    assert rel_err(got, reference_grads(model, meta, batch, steps, first_order, rate=rate, lr=lr)) < TOL
+
+
 @pytest.mark.slow
 def test_torchvision_resnet18_is_exact_vectorized_whole_chunked_and_adjoint():
     model = make(lambda: torchvision.models.resnet18(num_classes=3))

@@ -54,7 +54,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(folder: Path, save_to: Path | None, **changes: Any) -> Any:
     values: dict[str, Any] = dict(dataset=str(folder), data_root=str(folder.parent / "cache"), image_size=16,
                                   n_way=3, k_shot=1, n_query=2, meta_batch=2, iterations=4, val_every=2, val_tasks=4,
-                                  save_every=2, log_every=1, device="cpu", seed=1,
+                                  save_every=2, log_every=1, device="cpu", seed=1, execution="vmap",
                                   save_to=None if save_to is None else str(save_to))
     values.update(changes)
     return make_config(**values)
@@ -69,13 +69,11 @@ def test_fit_with_a_network_object_and_callbacks(folder: Path, tmp_path: Path) -
 
     # The callbacks saw every record of metrics.jsonl, in order, and nothing else.
     written = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # (on_log also sees the execution policy's one "execution" record, after the iteration that ends its search)
-    assert recorder.logs == [r for r in written if r["kind"] in ("train", "execution")]
+    assert recorder.logs == [r for r in written if r["kind"] == "train"]
     assert recorder.validations == [r for r in written if r["kind"] == "val"]
-    assert [(r["kind"], r["iteration"]) for r in recorder.logs] == [("train", 1), ("train", 2), ("train", 3),
-                                                                     ("execution", 4), ("train", 4)]
+    assert [r["iteration"] for r in recorder.logs] == [1, 2, 3, 4]
     assert [r["iteration"] for r in recorder.validations] == [0, 2, 4]
-    assert only_logs.iterations == [1, 2, 3, 4, 4] and all(r["loss"] >= 0 for r in written if r["kind"] == "train")
+    assert only_logs.iterations == [1, 2, 3, 4] and all(r["loss"] >= 0 for r in written if r["kind"] == "train")
     # Every checkpoint, as it was written: last.pt at each save, best.pt at each better validation.
     assert [c for c in recorder.checkpoints if c[0] == "last.pt"] == [("last.pt", 2), ("last.pt", 4)]
     best = [i for name, i in recorder.checkpoints if name == "best.pt"]

@@ -8,7 +8,7 @@ from test_core import TOL, classification_batch, rel_err
 from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
-from maml_func import MAML, build, fit
+from maml_func import MAML, Callback, build, fit
 from maml_func.execution import ROUNDS, ExecutionPolicy, Way, setup_key, ways
 from maml_func.reference import loop_meta_grad
 
@@ -71,9 +71,9 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
 
 def test_the_choice_takes_least_memory_among_the_near_fastest_within_the_budget():
     policy = ExecutionPolicy("auto")
-    policy.timings = {"vmap": {"runs": 2, "seconds": 1.00, "memory_mb": 900.0},
-                      "chunk=2": {"runs": 2, "seconds": 1.04, "memory_mb": 500.0},
-                      "loop": {"runs": 2, "seconds": 1.50, "memory_mb": 400.0}}
+    policy.timings = {"vmap": {"runs": 3, "seconds": 1.00, "memory_mb": 900.0},
+                      "chunk=2": {"runs": 3, "seconds": 1.02, "memory_mb": 500.0},
+                      "loop": {"runs": 3, "seconds": 1.50, "memory_mb": 400.0}}
     assert policy._choose() == "chunk=2"
     policy.max_memory_mb = 450.0
     assert policy._choose() == "loop"
@@ -100,6 +100,14 @@ def test_fixed_modes_skip_the_search_and_a_second_run_reads_the_cache(tmp_path):
         ExecutionPolicy("fast")
 
 
+class LogKinds(Callback):
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def on_log(self, record) -> None:
+        self.kinds.append(record["kind"])
+
+
 def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(glyphs, tmp_path, monkeypatch):
     """meta_batch 4: the loop, chunk=2 and vmap, 2 iterations each; the run goes on past the search.
 
@@ -107,12 +115,15 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     both choose chunk=2 here (what is tested is that a resumed run keeps its checkpoint's choice).
     """
     monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "chunk=2")
-    config = tiny(glyphs, tmp_path / "a", iterations=8, execution="auto")
-    whole = fit(config, progress=False)
+    searched = len(ways(4)) * ROUNDS
+    config = tiny(glyphs, tmp_path / "a", iterations=searched + 2, execution="auto")
+    logged = LogKinds()
+    whole = fit(config, progress=False, callbacks=[logged])
     records = [r for r in whole.history if r["kind"] == "execution"]
-    assert len(records) == 1 and records[0]["iteration"] == 6 and not records[0]["cached"]
+    assert len(records) == 1 and records[0]["iteration"] == searched and not records[0]["cached"]
+    assert logged.kinds.count("execution") == 1  # the callbacks see it too
     assert set(records[0]["timings"]) == {"vmap", "chunk=2", "loop"} and records[0]["choice"] in records[0]["timings"]
-    fit(config.replace(save_to=str(tmp_path / "b"), iterations=7), progress=False)
+    fit(config.replace(save_to=str(tmp_path / "b"), iterations=searched + 1), progress=False)
     seen = []
     original = ExecutionPolicy.run
     monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "vmap")  # a new search would choose otherwise
@@ -131,7 +142,8 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
 
 def test_a_second_run_of_the_same_setup_reads_the_cached_choice(glyphs, tmp_path, monkeypatch):
     monkeypatch.setenv("MAML_FUNC_CACHE_DIR", str(tmp_path / "cache"))
-    first = fit(tiny(glyphs, tmp_path / "a", iterations=6, val_every=0, execution="auto"), progress=False)
+    searched = len(ways(4)) * ROUNDS
+    first = fit(tiny(glyphs, tmp_path / "a", iterations=searched, val_every=0, execution="auto"), progress=False)
     second = fit(tiny(glyphs, tmp_path / "b", iterations=2, val_every=0, execution="auto"), progress=False)
     (a,) = [r for r in first.history if r["kind"] == "execution"]
     (b,) = [r for r in second.history if r["kind"] == "execution"]
@@ -143,8 +155,8 @@ def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dr
     batch = classification_batch(9, n_way=3, k=2, q=2, size=4)
     meta = algorithm.init()
     policy = ExecutionPolicy("auto", max_memory_mb=100.0)
-    policy.timings = {"loop": {"runs": 2, "seconds": 1.0, "memory_mb": 10.0},
-                      "chunk=2": {"runs": 2, "seconds": 0.8, "memory_mb": 40.0}}
+    policy.timings = {"loop": {"runs": ROUNDS, "seconds": 1.0, "memory_mb": 10.0},
+                      "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": 40.0}}
     calls = []
 
     def step(variant):
@@ -158,8 +170,8 @@ def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dr
     assert policy.choice == "chunk=2" and calls == ["chunk=2"]
     assert policy.timings["chunk=4"]["skipped"].startswith("needs about") and "vmap skipped" in policy.summary()
     roomy = ExecutionPolicy("auto")
-    roomy.timings = {"loop": {"runs": 2, "seconds": 1.0, "memory_mb": None},
-                     "chunk=2": {"runs": 2, "seconds": 0.8, "memory_mb": None}}
+    roomy.timings = {"loop": {"runs": ROUNDS, "seconds": 1.0, "memory_mb": None},
+                     "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": None}}
     calls.clear()
     roomy.run(algorithm, batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=8 runs instead
-    assert calls == ["chunk=4", "chunk=8"] and roomy.timings["chunk=4"] == {"runs": 2, "skipped": "out of memory"}
+    assert calls == ["chunk=4", "chunk=8"] and roomy.timings["chunk=4"] == {"runs": ROUNDS, "skipped": "out of memory"}

@@ -44,14 +44,19 @@ def execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
                    for out in cell.get("outputs", []) if out.get("output_type") == "stream")
 
 
-@pytest.mark.slow
-def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def offline_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point a notebook at the offline Omniglot archives and a data cache outside the checkout (or skip, saying why)."""
     omniglot = Path(os.environ.get("MAML_FUNC_OMNIGLOT", SHARED_OMNIGLOT)).resolve()
     if not _has_omniglot(omniglot):
         pytest.skip(f"the Omniglot archives (images_background.zip, images_evaluation.zip) are not at {omniglot}; "
                     "set MAML_FUNC_OMNIGLOT to the folder that holds them")
     monkeypatch.setenv("MAML_FUNC_OMNIGLOT", str(omniglot))
     monkeypatch.setenv("MAML_FUNC_DATA_ROOT", str(tmp_path / "data"))  # the decoded cache, never in the checkout
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline_omniglot(tmp_path, monkeypatch)
     printed = execute("01_quickstart.ipynb", tmp_path, monkeypatch)
     # The notebook asserts this itself; checked here too, from its printed summaries.
     trained = re.search(r"meta-trained: +5-way 1-shot: ([0-9.]+)%", printed)
@@ -62,12 +67,7 @@ def test_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.slow
 def test_your_model_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    omniglot = Path(os.environ.get("MAML_FUNC_OMNIGLOT", SHARED_OMNIGLOT)).resolve()
-    if not _has_omniglot(omniglot):
-        pytest.skip(f"the Omniglot archives (images_background.zip, images_evaluation.zip) are not at {omniglot}; "
-                    "set MAML_FUNC_OMNIGLOT to the folder that holds them")
-    monkeypatch.setenv("MAML_FUNC_OMNIGLOT", str(omniglot))
-    monkeypatch.setenv("MAML_FUNC_DATA_ROOT", str(tmp_path / "data"))  # the decoded cache, never in the checkout
+    offline_omniglot(tmp_path, monkeypatch)
     monkeypatch.setenv("MAML_FUNC_RUN_DIR", str(tmp_path / "run"))  # the checkpoints, never in the checkout
     printed = execute("03_your_model.ipynb", tmp_path, monkeypatch)
     # The notebook asserts this itself; checked here too, from its printed summary.
