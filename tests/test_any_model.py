@@ -121,8 +121,11 @@ R18_MODES = {  # options of MAML, reference (steps, first order), learned rates 
 @pytest.mark.parametrize("mode", R18_MODES)
 def test_torchvision_resnet18_in_every_mode_equals_the_loop(mode):
     model = make(lambda: torchvision.models.resnet18(num_classes=3))
-    batch = classification_batch(3, n_way=3, k=2, q=1, size=16, channels=3)
     options, steps, first_order, learned = dict(R18_MODES[mode][0]), *R18_MODES[mode][1:]
+    # Two second-order steps at 16x16 (BatchNorm over 1x1 maps of 6 images) put the meta-gradient's norm at 3e6:
+    # rounding alone then differs by 1e-10 between two orders of the same sums (the loop against the reference:
+    # 7e-11); at 32x32 the problem is tame (norm 7e4) and every way agrees to 1e-11.
+    batch = classification_batch(3, n_way=3, k=2, q=1, size=32 if steps > 1 else 16, channels=3)
     lr, rate = 0.01, None
     if learned == "rates":
         options["rule"] = meta_sgd(lr)
