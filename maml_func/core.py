@@ -21,6 +21,7 @@ made outside a ``grad`` transform may not be written in place inside it).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -90,9 +91,7 @@ def apply_model(model: nn.Module, params: Params, buffers: Params, x: Tensor, *,
         (1, 0)
     """
     state = {k: v.clone() for k, v in buffers.items()}
-    if not double_backward:
-        return functional_call(model, (params, state), (x,)), state
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]) if double_backward else contextlib.nullcontext():
         return functional_call(model, (params, state), (x,)), state
 
 

@@ -15,7 +15,14 @@ from types import TracebackType
 
 from torch import nn
 
-__all__ = ["UnsupportedModelError", "explain_model_error"]
+__all__ = ["UnsupportedModelError", "explain_model_error", "is_out_of_memory"]
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` or the CPU allocator's."""
+    text = str(err)
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text))
 
 
 class UnsupportedModelError(ValueError):

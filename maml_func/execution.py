@@ -50,6 +50,8 @@ from typing import Any
 import torch
 
 from maml_func import checks
+from maml_func.atomic import atomic_write
+from maml_func.diagnosis import is_out_of_memory
 from maml_func.tasks import TaskBatch
 
 __all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "default_cache_dir", "setup_key", "ways"]
@@ -157,11 +159,6 @@ class _Memory:
         return _resident_bytes("VmHWM") - before if self.cpu else None
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    text = str(err)
-    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -207,11 +204,15 @@ class ExecutionPolicy:
             return Way(None, self.mode == "vmap")
         if self.choice is not None:
             return Way.parse(self.choice)
-        for way in ways(num_tasks):
-            if self.timings.get(way.name, {}).get("runs", 0) < ROUNDS:
-                return way
+        way = self._untimed(num_tasks)
+        if way is not None:
+            return way
         self.choice = self._choose()
         return Way.parse(self.choice)
+
+    def _untimed(self, num_tasks: int) -> Way | None:
+        """The first candidate that has not run its ``ROUNDS`` yet (nor been skipped); ``None``: all have."""
+        return next((w for w in ways(num_tasks) if self.timings.get(w.name, {}).get("runs", 0) < ROUNDS), None)
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
         """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two smallest."""
@@ -226,9 +227,10 @@ class ExecutionPolicy:
     def _skip_what_cannot_fit(self, num_tasks: int, device: torch.device) -> None:
         """Mark the untimed candidates predicted to exceed the budget or the available memory as skipped."""
         limit = [m for m in (self.max_memory_mb, _available_mb(device)) if m is not None]
+        if not limit:
+            return
         for way in ways(num_tasks):
-            entry = self.timings.get(way.name, {})
-            if entry.get("runs", 0) or not limit:
+            if self.timings.get(way.name, {}).get("runs", 0):
                 continue
             predicted = self._predicted_mb(way, num_tasks)
             if predicted is not None and predicted > 0.9 * min(limit):
@@ -265,7 +267,7 @@ class ExecutionPolicy:
         try:
             out = step(variant)
         except (MemoryError, RuntimeError) as err:
-            if way.name == "loop" or not _out_of_memory(err):
+            if way.name == "loop" or not is_out_of_memory(err):
                 raise
             self.timings[way.name] = {"runs": ROUNDS, "skipped": "out of memory"}
             return self.run(algorithm, batch, device, step)  # this iteration again, another way
@@ -277,7 +279,7 @@ class ExecutionPolicy:
             entry["seconds"] = min(seconds, entry.get("seconds", math.inf))
             mb = None if rise is None else round(rise / 2**20, 1)
             entry["memory_mb"] = mb if entry.get("memory_mb") is None or mb is None else max(mb, entry["memory_mb"])
-        if all(self.timings.get(w.name, {}).get("runs", 0) >= ROUNDS for w in ways(batch.num_tasks)):
+        if self._untimed(batch.num_tasks) is None:
             self.choice = self._choose()
         return out
 
@@ -334,10 +336,8 @@ class ExecutionPolicy:
             return
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "choice": self.choice, "timings": self.timings}))
-            os.replace(tmp, file)
-        except OSError:
+            atomic_write(file, json.dumps({"key": key, "choice": self.choice, "timings": self.timings}))
+        except OSError:  # WriteError included: a cache is a shortcut, never a reason to stop
             pass
 
 

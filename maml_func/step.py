@@ -19,6 +19,7 @@ from torch import Tensor
 
 from maml_func import checks
 from maml_func.algorithms.base import Algorithm, merge_buffers
+from maml_func.diagnosis import is_out_of_memory
 from maml_func.core import MetaParams
 from maml_func.distributed import all_reduce_mean, gather_tasks
 from maml_func.state import TrainState
@@ -40,13 +41,6 @@ class MetaStepOutOfMemory(MemoryError):
     def __init__(self, message: str, iteration: int, checkpoint: Path | None) -> None:
         super().__init__(message)
         self.iteration, self.checkpoint = iteration, checkpoint
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` or the CPU allocator's."""
-    text = str(err)
-    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text))
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -32,6 +32,7 @@ from maml_func import checks
 from maml_func.batching import check_chunk_size, map_tasks, stack_metrics
 from maml_func.core import MetaParams, Params, accuracy, apply_model, params_and_buffers
 from maml_func.inner import InnerRule, sgd
+from maml_func.models import DropBlock
 from maml_func.normalization import BATCH_NORM_POLICIES, exact_model
 from maml_func.tasks import TaskBatch
 
@@ -316,13 +317,9 @@ def random_layers(model: nn.Module) -> list[str]:
         >>> random_layers(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Dropout(0.0)))
         ['1']
     """
-    found = []
-    for name, module in model.named_modules():
-        rate = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else \
-            getattr(module, "drop_rate", None) if type(module).__name__ == "DropBlock" else None
-        if rate:
-            found.append(name)
-    return found
+    return [name for name, module in model.named_modules()
+            if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
+            or (isinstance(module, DropBlock) and module.drop_rate > 0)]
 
 
 def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,

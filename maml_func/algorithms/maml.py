@@ -170,6 +170,8 @@ class MAML:
     checkpoint_every: int = _CHECKPOINT_EVERY
     batch_norm: str = "batch"
     _rule: InnerRule = field(init=False, repr=False)
+    #: The buffers kept once per inner step (``batch_norm="per_step"``); none otherwise. Found once, here.
+    _stepped: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -197,6 +199,8 @@ class MAML:
                             f"(e.g. lambda n: n.startswith('head.')), got {self.adapt_only!r}")
         rule, inner_lr = resolve_rule(name, self.rule, self.inner_lr, _DEFAULT_INNER_LR)
         object.__setattr__(self, "_rule", rule)
+        object.__setattr__(self, "_stepped",
+                           running_statistics(self.model) if self.batch_norm == "per_step" else [])
         object.__setattr__(self, "inner_lr", inner_lr)
 
     # ----------------------------------------------------------------- set-up
@@ -213,11 +217,6 @@ class MAML:
         if self.batch_norm == "per_step":
             meta["buffers"] = stack_per_step(meta["buffers"], self._stepped, max(self.inner_steps, 1))
         return meta
-
-    @property
-    def _stepped(self) -> list[str]:
-        """The buffers kept once per inner step (``batch_norm="per_step"``); none otherwise."""
-        return running_statistics(self.model) if self.batch_norm == "per_step" else []
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor, for an optimizer: ``Adam(maml.parameters(meta))``."""
@@ -295,11 +294,11 @@ class MAML:
             path, buffers = self._path(meta, x_support, y_support, None, first_order)
             later = path[1:] or path
         stepped, last = self._stepped, self.inner_steps - 1
-        metrics, after = score(self.model, later[-1], at_step(buffers, stepped, last), x_query, y_query, self.loss)
+        query_buffers = at_step(buffers, stepped, last)
+        metrics, after = score(self.model, later[-1], query_buffers, x_query, y_query, self.loss)
         if not last_only:
             weights = multi_step_weights(self.inner_steps, iteration, self.multi_step_iterations)
-            scores = [score(self.model, p, at_step(buffers, stepped, last), x_query, y_query, self.loss)[0]
-                      for p in later[:-1]]
+            scores = [score(self.model, p, query_buffers, x_query, y_query, self.loss)[0] for p in later[:-1]]
             metrics["loss"] = sum(w * s["loss"] for w, s in zip(weights, [*scores, metrics]))
         if stepped:
             after = with_step(buffers, stepped, last, after)
