@@ -6,7 +6,9 @@ plain dicts through ``torch.func.functional_call``; the inner loop is a
 tasks in one vectorized pass.
 """
 
-from maml_func.algorithms import ALGORITHMS, MAML, Algorithm, Reptile, build, multi_step_weights
+from maml_func.algorithms import (
+    ALGORITHMS, IMAML, MAML, Algorithm, MetaLearner, ProtoMAML, Reptile, build, multi_step_weights,
+)
 from maml_func.core import MetaParams, Params, accuracy, apply_model, combine, forward, params_and_buffers, partition
 from maml_func.inner import InnerRule, adapt, adapt_trajectory, lslr, meta_sgd, sgd
 from maml_func.models import MLP, Conv4, ResNet12
@@ -17,7 +19,7 @@ from maml_func.data import ImageClasses, load_dataset
 from maml_func.tasks import EpisodeSampler, TaskBatch
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult, evaluate
-from maml_func.batching import map_tasks
+from maml_func.batching import LOOP, VMAP, Way, map_tasks
 from maml_func.state import Checkpoint, TrainState
 from maml_func.step import meta_gradient, train_step
 from maml_func.train import TrainResult, evaluate_run, fit, load_run
@@ -28,6 +30,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "IMAML",
+    "LOOP",
+    "MetaLearner",
+    "ProtoMAML",
+    "VMAP",
+    "Way",
     "Callback",
     "BATCH_NORM_POLICIES",
     "Checkpoint",

@@ -1,28 +1,29 @@
-"""How a per-task function runs over the tasks of a meta-batch: the execution policy, per device.
+"""How a per-task function runs over the tasks of a meta-batch: a :class:`Way`, and :func:`map_tasks`.
 
 An algorithm writes its per-task function first, ``fn(meta, xs, ys, xq, yq)
 -> metrics`` on one task's tensors, and :func:`map_tasks` runs it over every
-task of a :class:`~maml_func.tasks.TaskBatch`, with ``torch.func.vmap`` or, for
-reference, a Python loop. Everything that depends on the device lives here,
-each choice with its reason beside it; none of it changes a result, only the
-time and the memory it takes (``benchmarks/README.md`` has the measurements):
+task of a :class:`~maml_func.tasks.TaskBatch` the :class:`Way` it is given:
+``torch.func.vmap`` over all tasks, ``vmap`` in chunks, or a Python loop (the
+reference the vectorized path is tested against). The way is the caller's
+choice, never an algorithm's option: the same algorithm runs any way and
+computes the same result up to rounding; the execution policy
+(:mod:`maml_func.execution`) picks the fastest by timing them. What depends on
+the device, with its reason (``benchmarks/README.md`` has the measurements):
 
 ========  =====================================================================
-device    policy
+device    ``Way()``, the default
 ========  =====================================================================
-CPU       ``chunk_size="auto"``: chunks of about 1 MiB of task inputs
-          (:func:`auto_chunk_size`); image inputs laid out so that the grouped
-          convolutions run channels-last (:func:`tasks_channels_last`); glibc
-          told to keep freed memory (:func:`maml_func.system.auto_tune_malloc`)
-other     one ``vmap`` over the whole meta-batch; inputs as they come; the
-          training loop's checks kept on the device (:func:`defer_host_reads`);
-          CUDA: ``cudnn.benchmark`` (:func:`configure_device`)
+CPU       chunks of about 1 MiB of task inputs (:func:`auto_chunk_size`);
+          image inputs laid out so that the grouped convolutions run
+          channels-last (:func:`tasks_channels_last`)
+other     one ``vmap`` over the whole meta-batch; inputs as they come
 ========  =====================================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,11 +32,10 @@ from torch.func import vmap
 
 from maml_func import checks
 from maml_func.diagnosis import explain_model_error
-from maml_func.system import auto_tune_malloc
 from maml_func.tasks import TaskBatch
 
-__all__ = ["TaskFn", "auto_chunk_size", "check_chunk_size", "configure_device", "defer_host_reads", "map_tasks",
-           "stack_metrics", "tasks_channels_last"]
+__all__ = ["LOOP", "VMAP", "TaskFn", "Way", "auto_chunk_size", "check_chunk_size", "map_tasks", "stack_metrics",
+           "tasks_channels_last"]
 
 #: ``(meta, x_support, y_support, x_query, y_query) -> metrics`` on one task's tensors.
 TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
@@ -49,31 +49,6 @@ TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 _CPU_CHUNK_INPUT_BYTES = 2**20
 # A chunk of one task pays vmap's overhead and gains nothing from it.
 _MIN_CHUNK = 2
-
-
-def defer_host_reads(device: torch.device) -> bool:
-    """Whether training should avoid reading device values on the host every step.
-
-    On the CPU a read (``.item()``) costs nothing, so the loop checks each
-    step at once. On an accelerator it makes the host wait for the device, so
-    kernel launches stop running ahead of the compute; there the loop keeps
-    its checks on the device and reads them only when it logs, saves or stops.
-    """
-    return device.type != "cpu"
-
-
-def configure_device(device: torch.device) -> None:
-    """Process-wide settings that make training on ``device`` fast without changing a result's meaning.
-
-    CUDA: ``cudnn.benchmark`` on, since every meta-iteration has the same
-    shapes, so the convolution algorithms it times on the first iteration
-    serve all the others. TF32 matmuls stay off: they change float32 results
-    by about 1e-3 relative, a choice for the user (``benchmarks/gpu_check.py``
-    measures both). Nothing on the CPU (the allocator is tuned by
-    :func:`map_tasks` itself).
-    """
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
 
 def check_chunk_size(where: str, value: Any) -> int | str | None:
@@ -90,6 +65,60 @@ def check_chunk_size(where: str, value: Any) -> int | str | None:
     if isinstance(value, str) and value == "auto":
         return value
     return checks.integer(where, "chunk_size", value, minimum=1, none_ok=True, expect="a positive int, None or 'auto'")
+
+
+@dataclass(frozen=True)
+class Way:
+    """One way to run the tasks of a meta-batch: ``vmap`` in chunks of ``chunk_size`` tasks, or a Python loop.
+
+    Args:
+        chunk_size: tasks per ``vmap`` chunk; ``None`` runs all T at once;
+            ``"auto"`` (default) asks :func:`auto_chunk_size`.
+        vectorize: ``False`` runs the tasks one by one in a Python loop
+            (``chunk_size`` unused).
+
+    Example:
+        >>> Way().name, Way(chunk_size=4).name, VMAP.name, LOOP.name
+        ('auto', 'chunk=4', 'vmap', 'loop')
+        >>> Way.parse("chunk=4") == Way(4)
+        True
+    """
+
+    chunk_size: int | str | None = "auto"
+    vectorize: bool = True
+
+    def __post_init__(self) -> None:
+        check_chunk_size("Way", self.chunk_size)
+        checks.flag("Way", "vectorize", self.vectorize)
+
+    @property
+    def name(self) -> str:
+        """``"loop"``, ``"vmap"``, ``"chunk=<n>"`` or ``"auto"``: what :meth:`parse` reads back."""
+        if not self.vectorize:
+            return "loop"
+        return "vmap" if self.chunk_size is None else "auto" if self.chunk_size == "auto" else f"chunk={self.chunk_size}"
+
+    @classmethod
+    def parse(cls, name: str) -> Way:
+        """The way called ``name`` (:attr:`name`'s form)."""
+        if name in ("loop", "vmap", "auto"):
+            return {"loop": LOOP, "vmap": VMAP, "auto": cls()}[name]
+        if not name.startswith("chunk="):
+            raise ValueError(f"Way.parse: unknown way {name!r}; use 'loop', 'vmap', 'auto' or 'chunk=<tasks>'")
+        return cls(int(name.removeprefix("chunk=")))
+
+    def tasks_per_call(self, num_tasks: int, batch: TaskBatch | None = None) -> int:
+        """How many of ``num_tasks`` tasks one call of the per-task function batches (1 for the loop)."""
+        if not self.vectorize:
+            return 1
+        chunk = auto_chunk_size(batch) if self.chunk_size == "auto" and batch is not None else self.chunk_size
+        return num_tasks if chunk in (None, "auto") else min(int(chunk), num_tasks)
+
+
+#: One ``vmap`` over the whole meta-batch.
+VMAP = Way(None)
+#: The tasks one by one in a Python loop: the reference, and the least memory.
+LOOP = Way(None, vectorize=False)
 
 
 def auto_chunk_size(batch: TaskBatch) -> int | None:
@@ -164,8 +193,7 @@ def map_tasks(
     meta: Any,
     batch: TaskBatch,
     *,
-    chunk_size: int | str | None = "auto",
-    vectorize: bool = True,
+    way: Way | None = None,
     caller: str = "map_tasks",
     model: nn.Module | None = None,
     randomness: str = "different",
@@ -178,10 +206,8 @@ def map_tasks(
             ``y_query [Q]``. It returns a dict of tensors of fixed shapes.
         meta: passed to every call of ``fn`` unbatched (``vmap`` in_dims ``None``).
         batch: T tasks.
-        chunk_size: tasks per ``vmap`` chunk; ``None`` runs all T at once,
-            ``"auto"`` asks :func:`auto_chunk_size`.
-        vectorize: ``False`` calls ``fn`` task by task in a Python loop (the
-            reference the vectorized path is tested against).
+        way: how to run the tasks (:class:`Way`); ``None``: ``Way()``, chunks
+            as :func:`auto_chunk_size` says.
         caller: the name that error messages start with (the algorithm's).
         model: the network ``fn`` runs, named in the message when it cannot
             run this way (:func:`maml_func.diagnosis.explain_model_error`).
@@ -203,14 +229,15 @@ def map_tasks(
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"{caller}: expected a TaskBatch, got {type(batch).__name__}")
-    check_chunk_size(caller, chunk_size)
+    way = Way() if way is None else way
+    if not isinstance(way, Way):
+        raise TypeError(f"{caller}: way must be a maml_func.Way such as Way(chunk_size=4) or LOOP, "
+                        f"got {type(way).__name__}")
     try:
-        if not vectorize:
+        if not way.vectorize:
             return stack_metrics([fn(meta, *task) for task in zip(*batch)])
-        chunk = auto_chunk_size(batch) if chunk_size == "auto" else chunk_size
+        chunk = auto_chunk_size(batch) if way.chunk_size == "auto" else way.chunk_size
         if batch.x_support.device.type == "cpu":
-            # glibc otherwise hands big freed blocks back to the OS and faults them in anew (maml_func.system).
-            auto_tune_malloc()
             # vmap folds the tasks into the convolutions' channels: this layout makes that fold channels-last.
             batch = TaskBatch(*(tasks_channels_last(t) for t in batch))
         meta, meta_dims = _per_task_buffers(meta, batch.num_tasks)
@@ -218,7 +245,7 @@ def map_tasks(
     except (IndexError, RuntimeError, ValueError, TypeError) as err:
         _explain_labels(caller, batch, err)
         if model is not None:
-            explain_model_error(caller, model, err, vectorized=vectorize)
+            explain_model_error(caller, model, err, vectorized=way.vectorize)
         raise
 
 

@@ -220,9 +220,9 @@ class TrainConfig:
                             "reptile or imaml", group="Algorithm", check=_text(), metavar="NAME")
     algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build, each read as "
                                                "the type of the parameter it sets (on the command line: "
-                                               "--algorithm-option KEY=VALUE, repeatable), e.g. vectorize=false; "
+                                               "--algorithm-option KEY=VALUE, repeatable), e.g. lam=1.0; "
                                                "the inner loop's own flags set inner_lr, inner_steps, first_order, "
-                                               "chunk_size, backprop and batch_norm",
+                                               "backprop and batch_norm",
                                                group="Algorithm", check=_table, factory=dict, metavar="KEY=VALUE",
                                                flag="--algorithm-option")
     first_order: bool = option(False, "first-order MAML: detach the inner gradients", group="Algorithm",
@@ -365,7 +365,7 @@ class TrainConfig:
 
 # Keyword arguments that build_algorithm takes from the config's fields (the model's: option -> field).
 _MODEL_FIELDS = {"n_way": "n_way", "in_channels": "channels", "image_size": "image_size", "hidden": "hidden"}
-_ALGORITHM_FIELDS = ("inner_lr", "inner_steps", "first_order", "chunk_size", "backprop", "batch_norm")
+_ALGORITHM_FIELDS = ("inner_lr", "inner_steps", "first_order", "backprop", "batch_norm")
 
 
 def _typed_model_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:

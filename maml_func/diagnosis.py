@@ -39,11 +39,11 @@ _KNOWN: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("inplace arithmetic", "in-place operation", "is not possible because there exists a Tensor"),
      "writes a per-task value in place into a tensor shared by every task (a tensor attribute that is not a "
      "registered buffer)",
-     "register that tensor with self.register_buffer(...), or run the tasks in a loop (vectorize=False)"),
+     "register that tensor with self.register_buffer(...), or run the tasks in a loop (way=LOOP; --execution loop)"),
     (("data-dependent control flow", "calling .item()", ".item() on a Tensor", "Data dependent"),
      "branches in Python on a tensor's value (if/while on a tensor, .item(), bool(tensor)), which vmap cannot "
      "batch",
-     "rewrite the branch with torch.where, or run the tasks in a loop (vectorize=False)"),
+     "rewrite the branch with torch.where, or run the tasks in a loop (way=LOOP; --execution loop)"),
     (("random operation while in randomness error mode",),
      "draws random numbers (Dropout, DropBlock, torch.rand), and this algorithm recomputes the forward in its "
      "backward, where the draws would differ",
@@ -53,7 +53,7 @@ _KNOWN: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "use first_order=True (first-order MAML), or replace the operation"),
     (("Batching rule not implemented", "doesn't work on out= or view ops", "vmap: We do not yet support"),
      "uses an operation that vmap cannot batch",
-     "run the tasks in a loop (vectorize=False)"),
+     "run the tasks in a loop (way=LOOP; --execution loop)"),
 )
 
 
@@ -84,7 +84,7 @@ def explain_model_error(caller: str, model: nn.Module, err: BaseException, *, ve
     text = str(err)
     for needles, did, fix in _KNOWN:
         if any(n in text for n in needles):
-            if not vectorized and fix.endswith("(vectorize=False)") and "register" not in fix:
+            if not vectorized and fix.endswith("(way=LOOP; --execution loop)") and "register" not in fix:
                 return  # a batching limit cannot be what failed in the loop
             name = _innermost_module(model, err.__traceback__)
             where = f"module {name!r} ({type(model.get_submodule(name)).__name__})" if name else \

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from maml_func import checks
+from maml_func.batching import Way
 from maml_func.core import MetaParams
 from maml_func.distributed import World, gather_tasks, rank_seed, shard_sizes, world
 from maml_func.tasks import TaskBatch
@@ -109,6 +110,7 @@ def evaluate(
     generator: torch.Generator | None = None,
     progress: bool = False,
     distributed: bool = False,
+    way: Way | None = None,
 ) -> EvalResult:
     """Evaluate meta-parameters on ``num_tasks`` tasks from ``sampler``.
 
@@ -135,6 +137,8 @@ def evaluate(
             with its own task stream (``generator`` per rank, or ``seed``,
             which is then combined with the rank by
             :func:`maml_func.distributed.rank_seed`). Every rank gets the result.
+        way: how each batch's tasks run (:class:`~maml_func.batching.Way`);
+            ``None``: ``Way()``. The same scores any way, up to rounding.
 
     Returns:
         An :class:`EvalResult`; ``print(result.summary())``.
@@ -171,7 +175,7 @@ def evaluate(
                 shape = _task_shape(batch)
             if batch.x_support.dtype != dtype:
                 batch = batch.to(dtype=dtype)
-            scores = algorithm.evaluate(meta, batch, steps=steps)
+            scores = algorithm.evaluate(meta, batch, steps=steps, way=way)
             if "accuracy" not in scores:
                 raise ValueError("evaluate: the algorithm reports no accuracy; evaluate() is for classification "
                                  "(loss='cross_entropy')")

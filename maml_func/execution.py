@@ -31,7 +31,7 @@ keeps the fastest for the rest of the run:
   (``$MAML_FUNC_CACHE_DIR``, default ``~/.cache/maml_func``; ``off`` turns
   the cache off), so a second run of the same set-up starts with the choice.
 
-``"vmap"`` and ``"loop"`` skip the search (the algorithm's own ``chunk_size``
+``"vmap"`` and ``"loop"`` skip the search (the policy's ``chunk_size``
 applies to ``"vmap"``).
 """
 
@@ -50,11 +50,13 @@ from typing import Any
 import torch
 
 from maml_func import checks
+from maml_func.algorithms.base import Algorithm
 from maml_func.atomic import atomic_write
+from maml_func.batching import LOOP, VMAP, Way, check_chunk_size
 from maml_func.diagnosis import is_out_of_memory
 from maml_func.tasks import TaskBatch
 
-__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "Way", "default_cache_dir", "setup_key", "ways"]
+__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "default_cache_dir", "setup_key", "ways"]
 
 #: The execution policies: measure and choose, always one ``vmap`` (with ``chunk_size``), always the loop.
 EXECUTIONS = ("auto", "vmap", "loop")
@@ -65,42 +67,10 @@ _TIE = 0.03
 _CHUNKS = (2, 4, 8)
 
 
-@dataclasses.dataclass(frozen=True)
-class Way:
-    """One way to run the tasks of a meta-batch: ``vmap`` (in chunks of ``chunk_size``; ``None``: all) or the loop."""
-
-    chunk_size: int | str | None
-    vectorize: bool = True
-
-    @property
-    def name(self) -> str:
-        if not self.vectorize:
-            return "loop"
-        return "vmap" if self.chunk_size is None else f"chunk={self.chunk_size}"
-
-    @classmethod
-    def parse(cls, name: str) -> Way:
-        if name == "loop":
-            return cls(None, False)
-        if name == "vmap":
-            return cls(None)
-        return cls(int(name.removeprefix("chunk=")))
-
-    def apply(self, algorithm: Any) -> Any:
-        """``algorithm`` running its tasks this way (a copy with ``chunk_size``/``vectorize`` set)."""
-        if algorithm.chunk_size == self.chunk_size and algorithm.vectorize == self.vectorize:
-            return algorithm
-        return dataclasses.replace(algorithm, chunk_size=self.chunk_size, vectorize=self.vectorize)
-
-
 def ways(num_tasks: int) -> list[Way]:
     """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one ``vmap``."""
     chunks = [Way(c) for c in _CHUNKS if c < num_tasks]
-    return [Way(None, False), *chunks, Way(None)] if num_tasks > 1 else [Way(None)]
-
-
-def _tasks_per_call(way: Way, num_tasks: int) -> int:
-    return 1 if not way.vectorize else num_tasks if way.chunk_size is None else min(int(way.chunk_size), num_tasks)
+    return [LOOP, *chunks, VMAP] if num_tasks > 1 else [VMAP]
 
 
 def _available_mb(device: torch.device) -> float | None:
@@ -169,6 +139,8 @@ class ExecutionPolicy:
 
     Args:
         mode: one of :data:`EXECUTIONS`.
+        chunk_size: with ``"vmap"``, tasks per ``vmap`` chunk (``None``: all
+            at once; ``"auto"``: :func:`~maml_func.batching.auto_chunk_size`).
         max_memory_mb: with ``"auto"``, never choose a way whose memory rose
             by more than this many MiB in its timed iteration (the loop stays
             a candidate whatever it needs); ``None``: no limit.
@@ -180,16 +152,16 @@ class ExecutionPolicy:
         ('loop', False)
     """
 
-    def __init__(self, mode: str = "auto", *, max_memory_mb: float | None = None,
-                 cache_dir: str | Path | None = None) -> None:
+    def __init__(self, mode: str = "auto", *, chunk_size: int | str | None = None,
+                 max_memory_mb: float | None = None, cache_dir: str | Path | None = None) -> None:
         self.mode = checks.choice("ExecutionPolicy", "mode", mode, EXECUTIONS)
+        self.chunk_size = check_chunk_size("ExecutionPolicy", chunk_size)
         self.max_memory_mb = checks.number("ExecutionPolicy", "max_memory_mb", max_memory_mb, positive=True,
                                            none_ok=True)
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.choice: str | None = None
         self.timings: dict[str, dict[str, Any]] = {}  # way -> {"runs": n, "seconds": s, "memory_mb": m}
         self.from_cache = False
-        self._variants: dict[tuple[int, Way], Any] = {}
         self._baseline: int | None = None  # the resident set before the search (CPU)
 
     # ------------------------------------------------------------ the choice
@@ -199,9 +171,9 @@ class ExecutionPolicy:
         return self.mode == "auto" and self.choice is None
 
     def way(self, num_tasks: int) -> Way:
-        """The way to run the next meta-iteration of ``num_tasks`` tasks (``"vmap"``: chunks as the algorithm says)."""
+        """The way to run the next meta-iteration of ``num_tasks`` tasks (``"vmap"``: in chunks of ``chunk_size``)."""
         if self.mode != "auto":
-            return Way(None, self.mode == "vmap")
+            return Way(self.chunk_size) if self.mode == "vmap" else LOOP
         if self.choice is not None:
             return Way.parse(self.choice)
         way = self._untimed(num_tasks)
@@ -216,13 +188,13 @@ class ExecutionPolicy:
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
         """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two smallest."""
-        measured = [(_tasks_per_call(Way.parse(n), num_tasks), t["memory_mb"]) for n, t in self.timings.items()
+        measured = [(Way.parse(n).tasks_per_call(num_tasks), t["memory_mb"]) for n, t in self.timings.items()
                     if t.get("memory_mb") is not None and "seconds" in t]
         if len(measured) < 2:
             return None
         (n0, m0), (n1, m1) = sorted(measured)[:2]
         slope = max(m1 - m0, 0.0) / max(n1 - n0, 1)
-        return m1 + slope * (_tasks_per_call(way, num_tasks) - n1)
+        return m1 + slope * (way.tasks_per_call(num_tasks) - n1)
 
     def _skip_what_cannot_fit(self, num_tasks: int, device: torch.device) -> None:
         """Mark the untimed candidates predicted to exceed the budget or the available memory as skipped."""
@@ -236,41 +208,29 @@ class ExecutionPolicy:
             if predicted is not None and predicted > 0.9 * min(limit):
                 self.timings[way.name] = {"runs": ROUNDS, "skipped": f"needs about {predicted:.0f} MiB"}
 
-    def algorithm(self, algorithm: Any, num_tasks: int) -> Any:
-        """``algorithm`` set up to run the next meta-iteration the policy's way (each variant made once)."""
-        way = self.way(num_tasks)
-        if self.mode == "vmap":
-            way = Way(algorithm.chunk_size)
-        key = (id(algorithm), way)
-        if key not in self._variants:
-            if len(self._variants) > len(_CHUNKS) + 2:  # another algorithm: forget the old one's variants
-                self._variants.clear()
-            self._variants[key] = way.apply(algorithm)
-        return self._variants[key]
+    def run(self, batch: TaskBatch, device: torch.device, step: Callable[[Way], Any]) -> Any:
+        """``step(way)`` with the policy's way; while searching, timed and its memory measured.
 
-    def run(self, algorithm: Any, batch: TaskBatch, device: torch.device, step: Callable[[Any], Any]) -> Any:
-        """``step(algorithm set up the policy's way)``; while searching, timed and its memory measured.
-
-        ``step`` is one meta-iteration (e.g. :func:`maml_func.step.meta_gradient` of ``batch``).
+        ``step`` is one meta-iteration of ``batch`` run ``way`` (e.g.
+        :func:`maml_func.step.meta_gradient` with ``way=way``).
         """
         if self.searching:
             self._skip_what_cannot_fit(batch.num_tasks, device)
-        variant = self.algorithm(algorithm, batch.num_tasks)
-        if not self.searching:
-            return step(variant)
         way = self.way(batch.num_tasks)
+        if not self.searching:
+            return step(way)
         if self._baseline is None:
             self._baseline = _resident_bytes("VmRSS") if device.type == "cpu" else 0
         memory = _Memory(device, self._baseline)
         _sync(device)
         before, start = memory.start(), time.perf_counter()
         try:
-            out = step(variant)
+            out = step(way)
         except (MemoryError, RuntimeError) as err:
             if way.name == "loop" or not is_out_of_memory(err):
                 raise
             self.timings[way.name] = {"runs": ROUNDS, "skipped": "out of memory"}
-            return self.run(algorithm, batch, device, step)  # this iteration again, another way
+            return self.run(batch, device, step)  # this iteration again, another way
         _sync(device)
         seconds, rise = time.perf_counter() - start, memory.rise(before)
         entry = self.timings.setdefault(way.name, {"runs": 0})
@@ -350,13 +310,13 @@ def default_cache_dir() -> Path | None:
     return Path(base) / "maml_func"
 
 
-def setup_key(algorithm: Any, batch: TaskBatch, *, tasks_per_backward: int | None = None) -> dict[str, Any]:
+def setup_key(algorithm: Algorithm, batch: TaskBatch, *, tasks_per_backward: int | None = None) -> dict[str, Any]:
     """What the fastest way depends on: device, threads, task shapes and dtype, the model, the algorithm."""
     device = batch.x_support.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     model = algorithm.model
     options = {f.name: repr(getattr(algorithm, f.name)) for f in dataclasses.fields(algorithm)
-               if f.init and f.name not in ("model", "chunk_size", "vectorize")}
+               if f.init and f.name != "model"}
     return {
         "torch": torch.__version__, "device": name, "threads": torch.get_num_threads(),
         "shapes": [list(t.shape) for t in batch], "dtype": str(batch.x_support.dtype),

@@ -162,7 +162,7 @@ def build_algorithm(config: TrainConfig, *, in_channels: int | None = None,
     if model is None:
         model = build_network(config, in_channels=in_channels)
     options: dict[str, Any] = {"inner_lr": config.inner_lr, "inner_steps": config.inner_steps,
-                               "chunk_size": config.chunk_size, **config.algorithm_options}
+                               **config.algorithm_options}
     if config.first_order:
         options["first_order"] = True
     if config.backprop != "unroll":  # only the algorithms with a choice take the option

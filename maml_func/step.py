@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from maml_func import checks
-from maml_func.algorithms.base import Algorithm, merge_buffers
+from maml_func.algorithms.base import Algorithm
+from maml_func.algorithms.pieces import Metrics, merge_buffers
+from maml_func.batching import Way
 from maml_func.diagnosis import is_out_of_memory
 from maml_func.core import MetaParams
 from maml_func.distributed import all_reduce_mean, gather_tasks
@@ -27,7 +29,6 @@ from maml_func.tasks import TaskBatch
 
 __all__ = ["MetaStepOutOfMemory", "NonFiniteLossError", "is_out_of_memory", "meta_gradient", "meta_lr_at", "train_step"]
 
-Metrics = dict[str, Tensor]
 
 
 class MetaStepOutOfMemory(MemoryError):
@@ -60,7 +61,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def meta_gradient(
-    algorithm: Algorithm, meta: MetaParams, batch: TaskBatch, iteration: int, *, tasks_per_backward: int | None = None
+    algorithm: Algorithm, meta: MetaParams, batch: TaskBatch, iteration: int, *, tasks_per_backward: int | None = None,
+    way: Way | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The meta-loss of ``batch`` and its gradient, left in each meta-tensor's ``.grad``.
 
@@ -77,9 +79,11 @@ def meta_gradient(
             most ``c`` tasks, each part's loss (weighted by its share of T) is
             differentiated on its own and the gradients are summed, so the
             autograd graph of at most ``c`` tasks is alive at any time (peak
-            memory grows with ``c``, not with T; ``chunk_size`` only bounds the
-            temporaries of one ``vmap`` chunk). The same meta-gradient up to
-            rounding; about as fast (each part is still vectorized).
+            memory grows with ``c``, not with T; a chunked ``way`` only bounds
+            the temporaries of one ``vmap`` chunk). The same meta-gradient up
+            to rounding; about as fast (each part is still vectorized).
+        way: how each part's tasks run (:class:`~maml_func.batching.Way`);
+            ``None``: ``Way()``.
 
     Returns:
         ``(loss [], metrics)``, both detached; ``metrics`` as ``algorithm.meta_loss``'s (per task, ``[T]``).
@@ -96,7 +100,7 @@ def meta_gradient(
     grads: list[Tensor | None] = [None] * len(params)
     losses, all_metrics = [], []
     for part in parts:
-        loss, metrics = algorithm.meta_loss(meta, part, iteration)
+        loss, metrics = algorithm.meta_loss(meta, part, iteration, way=way)
         if len(parts) > 1:
             loss = loss * (part.num_tasks / total)  # the mean over T tasks is the weighted sum of the parts' means
         for i, g in enumerate(torch.autograd.grad(loss, params, allow_unused=True)):
@@ -198,7 +202,7 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Algorithm, *, lr:
 
     The meta-gradient of ``batch`` (:func:`meta_gradient`), run the way
     ``state.execution`` says (:class:`~maml_func.execution.ExecutionPolicy`;
-    ``None``: as ``algorithm`` is set up), averaged over the
+    ``None``: ``Way()``), averaged over the
     ranks with the loss under ``torch.distributed``; then, only if both are
     finite, the optimizer step at step size ``lr``; the model's buffers from
     the tasks' own (:func:`~maml_func.algorithms.base.merge_buffers`, with the
@@ -230,13 +234,14 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Algorithm, *, lr:
     """
     params = algorithm.parameters(state.meta)
 
-    def one_meta_gradient(algorithm: Algorithm) -> tuple[Tensor, Metrics]:
-        return meta_gradient(algorithm, state.meta, batch, state.iteration, tasks_per_backward=tasks_per_backward)
+    def one_meta_gradient(way: Way | None) -> tuple[Tensor, Metrics]:
+        return meta_gradient(algorithm, state.meta, batch, state.iteration, tasks_per_backward=tasks_per_backward,
+                             way=way)
 
     if state.execution is None:
-        loss, metrics = one_meta_gradient(algorithm)
+        loss, metrics = one_meta_gradient(None)
     else:  # the policy's way of running the tasks (timing the candidates on the first iterations)
-        loss, metrics = state.execution.run(algorithm, batch, state.device, one_meta_gradient)
+        loss, metrics = state.execution.run(batch, state.device, one_meta_gradient)
     if state.world.size > 1:  # the meta-gradient and loss of the whole meta-batch, on every rank
         loss = loss.detach().to(dtype=batch.x_support.dtype).clone()
         all_reduce_mean([loss, *(p.grad for p in params if p.grad is not None)],

@@ -3,11 +3,11 @@
 On the CPU, glibc's allocator hands big freed blocks back to the OS and faults
 them in again, zeroed, page by page at the next use: a vectorized meta-batch
 spends a large share of each iteration in page faults (``benchmarks/README.md``,
-"page faults"). The vectorized path of the library therefore calls
-:func:`auto_tune_malloc` the first time it runs on the CPU, which applies
-:func:`tune_malloc` once per process. Set the environment variable
-``MAML_FUNC_TUNE_MALLOC=0`` (or pass ``--no-tune-malloc`` to ``maml-func``)
-to leave the allocator alone (results are the same either way).
+"page faults"). A run therefore applies :func:`tune_malloc` when it starts on
+the CPU (:func:`maml_func.device.configure_device`, called by ``fit``). Set the
+environment variable ``MAML_FUNC_TUNE_MALLOC=0`` (or pass ``--no-tune-malloc``
+to ``maml-func``) to leave the allocator alone (results are the same either
+way).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["auto_tune_malloc", "malloc_tuned", "tune_malloc"]
+__all__ = ["ENV", "malloc_tuned", "tune_malloc", "tuning_wanted"]
 
 #: The environment variable that turns the automatic tuning off ("0", "false", "no" or "off").
 ENV = "MAML_FUNC_TUNE_MALLOC"
@@ -23,7 +23,6 @@ ENV = "MAML_FUNC_TUNE_MALLOC"
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _tuned = False
-_decided = False
 
 
 def tune_malloc() -> bool:
@@ -42,29 +41,19 @@ def tune_malloc() -> bool:
         ``True`` when both settings were applied; ``False`` where glibc is not
         the C library (macOS, Windows, musl), which is then left alone.
     """
-    global _tuned, _decided
+    global _tuned
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):
         ok = False
-    _tuned, _decided = _tuned or ok, True
+    _tuned = _tuned or ok
     return ok
 
 
-def auto_tune_malloc() -> bool:
-    """:func:`tune_malloc` once per process, unless ``MAML_FUNC_TUNE_MALLOC`` turns it off.
-
-    Called by the library's vectorized path on the CPU. Returns
-    :func:`malloc_tuned`.
-    """
-    global _decided
-    if not _decided:
-        if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-            _decided = True
-        else:
-            tune_malloc()
-    return _tuned
+def tuning_wanted() -> bool:
+    """Whether the environment lets a run tune the allocator: ``MAML_FUNC_TUNE_MALLOC`` unset or not off."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def malloc_tuned() -> bool:

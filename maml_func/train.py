@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from maml_func import batching
+from maml_func import device as devices
 from maml_func import step as _step
 from maml_func import checks
 from maml_func.atomic import WriteError, removed_on_failure
@@ -182,13 +182,13 @@ class _Run:
         ``elapsed_s``: wall time of the run so far; ``train_s``: of it, the time not spent validating.
         """
         config, device = self.config, state.device
-        algorithm = self.algorithm  # run the policy's way once it has chosen (evaluation uses the same policy)
+        way = None  # the policy's way once it has chosen (evaluation uses the same policy)
         if state.execution is not None and not state.execution.searching:
-            algorithm = state.execution.algorithm(algorithm, min(config.meta_batch, config.val_tasks))
-        ev = evaluate(algorithm, state.meta, self.val_sampler, num_tasks=config.val_tasks,
+            way = state.execution.way(min(config.meta_batch, config.val_tasks))
+        ev = evaluate(self.algorithm, state.meta, self.val_sampler, num_tasks=config.val_tasks,
                       steps=config.eval_inner_steps, batch_size=max(1, min(config.meta_batch, config.val_tasks)),
                       generator=torch.Generator(device=device).manual_seed(rank_seed(VAL_SEED, self.world.rank)),
-                      distributed=self.world.size > 1)
+                      distributed=self.world.size > 1, way=way)
         self.log({"kind": "val", "iteration": state.iteration, "accuracy": ev.final_accuracy,
                   "ci95": ev.final_ci95, "loss": ev.loss[-1], "accuracy_per_step": ev.accuracy,
                   "tasks": ev.num_tasks, "steps": ev.steps, "elapsed_s": elapsed_s, "train_s": train_s})
@@ -298,7 +298,7 @@ def _loop(run: _Run, state: TrainState, progress: bool) -> TrainResult:
     deadline = t0 + 60 * config.max_minutes if config.max_minutes is not None else None
     window = _Window(config.meta_batch)
     # The finiteness check: at once on the CPU, kept on the device elsewhere (see batching.defer_host_reads).
-    finite = FiniteGuard(state.device) if batching.defer_host_reads(state.device) else None
+    finite = FiniteGuard(state.device) if devices.defer_host_reads(state.device) else None
 
     def settle() -> None:  # before anything is logged, validated, saved or stopped on: no bad state goes out
         try:
@@ -497,7 +497,7 @@ def fit(
     if config.val_tasks < me.size:
         raise ValueError(f"fit: val_tasks={config.val_tasks} is fewer than the {me.size} ranks")
     device = resolve_device(config.device, me)
-    batching.configure_device(device)
+    devices.configure_device(device)
     saved = None
     if resume is not None:
         saved = resume if isinstance(resume, Checkpoint) else Checkpoint.read(resume, origin="fit")
@@ -527,7 +527,8 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
                                      capturable=device.type == "cuda")
         # Across ranks each would time alone and might choose another way: they run one vmap (chunk_size) instead.
         mode = "vmap" if config.execution == "auto" and me.size > 1 else config.execution
-        policy = ExecutionPolicy(mode, max_memory_mb=config.max_memory_mb, cache_dir=default_cache_dir())
+        policy = ExecutionPolicy(mode, chunk_size=config.chunk_size, max_memory_mb=config.max_memory_mb,
+                                 cache_dir=default_cache_dir())
         state = TrainState(meta, optimizer,
                            torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me,
                            execution=policy)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maml_func import MAML, Conv4, TaskBatch, lslr, meta_gradient, multi_step_weights, sgd
+from maml_func import LOOP, MAML, VMAP, Conv4, TaskBatch, Way, lslr, meta_gradient, multi_step_weights, sgd
 from maml_func.algorithms import adjoint, anil, mamlpp, metasgd
 from maml_func.reference import loop_meta_loss
 
@@ -64,8 +64,8 @@ def _meta(algo) -> dict:
     return meta
 
 
-def _grads(algo, meta, batch, iteration=ITERATION) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, _ = algo.meta_loss(meta, batch, iteration)
+def _grads(algo, meta, batch, iteration=ITERATION, way=VMAP) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, _ = algo.meta_loss(meta, batch, iteration, way=way)
     return loss.detach(), _flat(torch.autograd.grad(loss, algo.parameters(meta)))
 
 
@@ -94,8 +94,8 @@ def _reference(name: str, algo, meta, batch, steps: int) -> tuple[torch.Tensor, 
 def test_adjoint_equals_unroll_and_the_per_task_reference(name, steps):
     make, _ = VARIANTS[name]
     model, batch = _conv(), _batch()
-    unrolled = make(model, inner_steps=steps, chunk_size=None)
-    adjoint_ = make(model, inner_steps=steps, chunk_size=None, backprop="adjoint")
+    unrolled = make(model, inner_steps=steps)
+    adjoint_ = make(model, inner_steps=steps, backprop="adjoint")
     meta = _meta(unrolled)
     loss_u, g_u = _grads(unrolled, meta, batch)
     loss_a, g_a = _grads(adjoint_, meta, batch)
@@ -106,15 +106,14 @@ def test_adjoint_equals_unroll_and_the_per_task_reference(name, steps):
     assert _rel(g_a, g_u) < TOL
 
 
-@pytest.mark.parametrize("execution", [dict(chunk_size=1), dict(chunk_size=2), dict(vectorize=False)],
-                         ids=["chunk1", "chunk2", "loop"])
+@pytest.mark.parametrize("execution", [Way(1), Way(2), LOOP], ids=["chunk1", "chunk2", "loop"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_adjoint_in_chunks_and_in_the_loop_equals_the_reference(name, execution):
     make, _ = VARIANTS[name]
     model, batch = _conv(), _batch(seed=2)
-    algo = make(model, inner_steps=5, backprop="adjoint", **execution)
+    algo = make(model, inner_steps=5, backprop="adjoint")
     meta = _meta(algo)
-    loss, grads = _grads(algo, meta, batch)
+    loss, grads = _grads(algo, meta, batch, way=execution)
     loss_r, grads_r = _reference(name, algo, meta, batch, 5)
     assert _rel(loss, loss_r) < 1e-12
     assert _rel(grads, grads_r) < TOL
@@ -173,7 +172,7 @@ _TRUE_REVERSE_STEP = adjoint._reverse_step
 @pytest.mark.parametrize("mutant", [_drop_hessian, _flip_hessian], ids=["no-hessian", "sign"])
 def test_a_wrong_recursion_is_far_off(monkeypatch, mutant):
     model, batch = _conv(), _batch()
-    algo = MAML(model, inner_lr=LR, inner_steps=5, backprop="adjoint", chunk_size=None)
+    algo = MAML(model, inner_lr=LR, inner_steps=5, backprop="adjoint")
     meta = _meta(algo)
     want = _reference("sgd", algo, meta, batch, 5)[1]
     assert _rel(_grads(algo, meta, batch)[1], want) < TOL

@@ -14,11 +14,14 @@ import torch
 
 from maml_func import (
     ALGORITHMS,
+    LOOP,
     MAML,
     MLP,
     Conv4,
     Reptile,
+    MetaLearner,
     TaskBatch,
+    Way,
     build,
     lslr,
     meta_sgd,
@@ -29,7 +32,7 @@ from maml_func import (
 from maml_func.algorithms import anil, mamlpp, metasgd
 from maml_func.reference import loop_meta_loss
 
-NAMES = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml"]
+NAMES = ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "protomaml"]
 N_WAY, K_SHOT, N_QUERY, TASKS = 3, 2, 2, 3
 
 # Options that exercise what is special about each algorithm in the float64
@@ -43,6 +46,7 @@ EQUALITY_OPTIONS = {
     "mamlpp": dict(inner_lr=0.3, inner_steps=3, multi_step_iterations=10),
     "reptile": dict(inner_lr=0.3, inner_steps=3, inner_batch_size=4),
     "imaml": dict(inner_lr=0.1, inner_steps=3, lam=2.0, cg_steps=4),
+    "protomaml": dict(inner_steps=2),
 }
 ITERATION = 4
 
@@ -68,8 +72,8 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _meta_grads(algo, meta, batch, iteration=ITERATION) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, _ = algo.meta_loss(meta, batch, iteration)
+def _meta_grads(algo, meta, batch, iteration=ITERATION, way=None) -> tuple[torch.Tensor, torch.Tensor]:
+    loss, _ = algo.meta_loss(meta, batch, iteration, way=way)
     return loss.detach(), _flat(torch.autograd.grad(loss, algo.parameters(meta)))
 
 
@@ -81,7 +85,7 @@ def test_registry_has_the_family():
     assert sorted(ALGORITHMS) == sorted(NAMES)
     for name in NAMES:
         algo = build(name, MLP(), loss="mse")
-        assert isinstance(algo.inner_steps, int) and algo.chunk_size == "auto"
+        assert isinstance(algo.inner_steps, int) and isinstance(algo, MetaLearner)
     with pytest.raises(ValueError, match="unknown algorithm 'mamal'"):
         build("mamal", MLP())
 
@@ -89,11 +93,10 @@ def test_registry_has_the_family():
 @pytest.mark.parametrize("name", NAMES)
 def test_vmap_equals_per_task_loop_float64(name):
     model, batch = _conv(), _image_batch()
-    vmapped = build(name, model, vectorize=True, **EQUALITY_OPTIONS[name])
-    looped = build(name, model, vectorize=False, **EQUALITY_OPTIONS[name])
-    meta = vmapped.init()
-    loss_v, g_v = _meta_grads(vmapped, meta, batch)
-    loss_l, g_l = _meta_grads(looped, meta, batch)
+    algo = build(name, model, **EQUALITY_OPTIONS[name])
+    meta = algo.init()
+    loss_v, g_v = _meta_grads(algo, meta, batch, way=Way())
+    loss_l, g_l = _meta_grads(algo, meta, batch, way=LOOP)
     assert g_l.norm() > 0 and torch.isfinite(g_l).all()
     assert _rel(loss_v, loss_l) < 1e-12
     assert _rel(g_v, g_l) < 1e-10
@@ -127,10 +130,10 @@ def test_one_backward_per_part_gives_the_meta_gradient_of_the_whole_batch(name):
 def test_evaluate_shapes_and_vmap_equals_loop(name):
     model, batch = _conv(), _image_batch()
     options = EQUALITY_OPTIONS[name]
-    vmapped, looped = (build(name, model, vectorize=v, **options) for v in (True, False))
-    meta = vmapped.init()
+    algo = build(name, model, **options)
+    meta = algo.init()
     with torch.no_grad():
-        out_v, out_l = vmapped.evaluate(meta, batch, steps=4), looped.evaluate(meta, batch, steps=4)
+        out_v, out_l = algo.evaluate(meta, batch, steps=4, way=Way()), algo.evaluate(meta, batch, steps=4, way=LOOP)
     assert out_v["loss"].shape == out_v["accuracy"].shape == (TASKS, 5)
     assert torch.allclose(out_v["loss"], out_l["loss"], rtol=1e-12, atol=0)
     assert torch.equal(out_v["accuracy"], out_l["accuracy"])

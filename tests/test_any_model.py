@@ -18,8 +18,8 @@ from test_core import TOL, classification_batch, rel_err
 from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
-from maml_func import MAML, UnsupportedModelError, build, evaluate_run, exact_model, fit, meta_sgd
-from maml_func.algorithms.base import merge_buffers
+from maml_func import LOOP, MAML, VMAP, UnsupportedModelError, Way, build, evaluate_run, exact_model, fit, meta_sgd
+from maml_func.algorithms.pieces import merge_buffers
 from maml_func.normalization import TaskBatchNorm, TaskLayerNorm
 from maml_func.reference import loop_meta_loss
 
@@ -58,7 +58,7 @@ MODES = {
     "fomaml": ({"first_order": True}, 1, True),
     "adjoint_s2": ({"inner_steps": 2, "backprop": "adjoint", "checkpoint_every": 1}, 2, False),
 }
-EXECUTIONS = {"vmap": {"chunk_size": None}, "chunked": {"chunk_size": 2}, "loop": {"vectorize": False}}
+EXECUTIONS = {"vmap": VMAP, "chunked": Way(2), "loop": LOOP}
 
 
 def make(factory, seed: int = 0) -> nn.Module:
@@ -66,9 +66,9 @@ def make(factory, seed: int = 0) -> nn.Module:
     return factory().double()
 
 
-def algorithm_grads(algo, batch) -> tuple[list[torch.Tensor], dict]:
+def algorithm_grads(algo, batch, way=None) -> tuple[list[torch.Tensor], dict]:
     meta = algo.init()
-    loss, _ = algo.meta_loss(meta, batch)
+    loss, _ = algo.meta_loss(meta, batch, way=way)
     return list(torch.autograd.grad(loss, algo.parameters(meta))), meta
 
 
@@ -89,7 +89,7 @@ def test_users_models_meta_gradient_equals_the_loop(name, mode, execution):
     model = make(SMALL[name])
     options, steps, first_order = MODES[mode]
     batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
-    got, meta = algorithm_grads(MAML(model, inner_lr=LR, **options, **EXECUTIONS[execution]), batch)
+    got, meta = algorithm_grads(MAML(model, inner_lr=LR, **options), batch, EXECUTIONS[execution])
     want = reference_grads(model, meta, batch, steps, first_order)
     assert rel_err(got, want) < TOL
 
@@ -98,22 +98,22 @@ def test_users_models_meta_gradient_equals_the_loop(name, mode, execution):
 def test_users_models_with_learned_rates_and_anil_equal_the_loop(name):
     model = make(SMALL[name])
     batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
-    got, meta = algorithm_grads(MAML(model, rule=meta_sgd(LR), chunk_size=2), batch)
+    got, meta = algorithm_grads(MAML(model, rule=meta_sgd(LR)), batch, Way(2))
     assert rel_err(got, reference_grads(model, meta, batch, 1, False, rate=lambda r, n: r[n])) < TOL
     head = [n for n, _ in model.named_parameters()][-1].rpartition(".")[0]
-    anil = build("anil", model, head=head, inner_lr=LR, chunk_size=None)
-    got, meta = algorithm_grads(anil, batch)
+    anil = build("anil", model, head=head, inner_lr=LR)
+    got, meta = algorithm_grads(anil, batch, VMAP)
     only_head = reference_grads(model, meta, batch, 1, False,
                                 rate=lambda r, n: LR if n.startswith(head + ".") else 0.0)
     assert rel_err(got, only_head) < TOL
 
 
 R18_MODES = {  # options of MAML, reference (steps, first order), learned rates / head only
-    "fomaml_vmap": ({"first_order": True, "chunk_size": None}, 1, True, None),
-    "maml_s2_chunked": ({"inner_steps": 2, "chunk_size": 2}, 2, False, None),
-    "maml_loop": ({"vectorize": False}, 1, False, None),
-    "metasgd_vmap": ({"rule": "meta_sgd", "chunk_size": None}, 1, False, "rates"),
-    "anil_vmap": ({"adapt_only": "fc", "chunk_size": None}, 1, False, "head"),
+    "fomaml_vmap": ({"first_order": True, "way": VMAP}, 1, True, None),
+    "maml_s2_chunked": ({"inner_steps": 2, "way": Way(2)}, 2, False, None),
+    "maml_loop": ({"way": LOOP}, 1, False, None),
+    "metasgd_vmap": ({"rule": "meta_sgd", "way": VMAP}, 1, False, "rates"),
+    "anil_vmap": ({"adapt_only": "fc", "way": VMAP}, 1, False, "head"),
 }
 
 
@@ -133,7 +133,8 @@ def test_torchvision_resnet18_in_every_mode_equals_the_loop(mode):
     elif learned == "head":
         options["adapt_only"] = lambda n: n.startswith("fc.")
         rate = lambda r, n: lr if n.startswith("fc.") else 0.0  # noqa: E731
-    got, meta = algorithm_grads(MAML(model, inner_lr=None if learned == "rates" else lr, **options), batch)
+    way = options.pop("way")
+    got, meta = algorithm_grads(MAML(model, inner_lr=None if learned == "rates" else lr, **options), batch, way)
     assert rel_err(got, reference_grads(model, meta, batch, steps, first_order, rate=rate, lr=lr)) < TOL
 
 
@@ -146,10 +147,10 @@ def test_torchvision_resnet18_is_exact_vectorized_whole_chunked_and_adjoint():
     assert sum(isinstance(m, TaskBatchNorm) for m in converted.modules()) == 20
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
     assert sorted(converted.state_dict()) == sorted(model.state_dict())  # names kept: loads both ways
-    got, meta = algorithm_grads(MAML(model, inner_lr=lr, chunk_size=None), batch)
+    got, meta = algorithm_grads(MAML(model, inner_lr=lr), batch, VMAP)
     want = reference_grads(model, meta, batch, 1, False, lr=lr)
     assert rel_err(got, want) < TOL
-    chunked, _ = algorithm_grads(MAML(model, inner_lr=lr, chunk_size=2), batch)
+    chunked, _ = algorithm_grads(MAML(model, inner_lr=lr), batch, Way(2))
     assert rel_err(chunked, want) < TOL
     adjoint, _ = algorithm_grads(MAML(model, inner_lr=lr, backprop="adjoint"), batch)
     assert rel_err(adjoint, want) < TOL
@@ -168,7 +169,7 @@ def test_affine_inside_the_fused_batch_norm_kernel_is_caught(monkeypatch):
     monkeypatch.setattr(TaskBatchNorm, "forward", fused)
     monkeypatch.setattr(TaskLayerNorm, "forward", lambda self, x: F.layer_norm(x, self.normalized_shape,
                                                                                self.weight, self.bias, self.eps))
-    got, meta = algorithm_grads(MAML(model, inner_lr=LR, chunk_size=None), batch)
+    got, meta = algorithm_grads(MAML(model, inner_lr=LR), batch, VMAP)
     assert rel_err(got, reference_grads(model, meta, batch, 1, False)) > 1e-6
 
 
@@ -176,9 +177,9 @@ def test_reptile_and_imaml_run_users_models_and_reptile_equals_its_loop():
     batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
     for factory in (bn_mlp, gn_cnn, Scaled):
         model = make(factory)
-        reptile = build("reptile", model, inner_lr=LR, inner_steps=2, chunk_size=None)
+        reptile = build("reptile", model, inner_lr=LR, inner_steps=2)
         meta = reptile.init()
-        loss, _ = reptile.meta_loss(meta, batch)
+        loss, _ = reptile.meta_loss(meta, batch, way=VMAP)
         got = torch.autograd.grad(loss, reptile.parameters(meta))
         names, adapted = list(meta["model"]), []
         for xs, ys, _, _ in zip(*batch):  # the loop: plain SGD with autograd on the model as it is
@@ -191,22 +192,21 @@ def test_reptile_and_imaml_run_users_models_and_reptile_equals_its_loop():
             adapted.append(fast)
         want = [meta["model"][n].detach() - torch.stack([a[i] for a in adapted]).mean(0) for i, n in enumerate(names)]
         assert rel_err(list(got), want) < TOL
-        imaml = build("imaml", model, inner_lr=0.1, inner_steps=3, lam=2.0, chunk_size=None)
+        imaml = build("imaml", model, inner_lr=0.1, inner_steps=3, lam=2.0)
         meta = imaml.init()
-        vmapped = torch.autograd.grad(imaml.meta_loss(meta, batch)[0], imaml.parameters(meta))
-        looped = build("imaml", model, inner_lr=0.1, inner_steps=3, lam=2.0, vectorize=False)
-        assert rel_err(list(vmapped), list(torch.autograd.grad(looped.meta_loss(meta, batch)[0],
-                                                              looped.parameters(meta)))) < TOL
+        vmapped = torch.autograd.grad(imaml.meta_loss(meta, batch, way=VMAP)[0], imaml.parameters(meta))
+        assert rel_err(list(vmapped), list(torch.autograd.grad(imaml.meta_loss(meta, batch, way=LOOP)[0],
+                                                              imaml.parameters(meta)))) < TOL
 
 
 def test_running_statistics_follow_the_documented_rule_and_normalize_in_eval_mode():
     """BatchNorm1d first: the statistics it sees are the raw inputs', so the rule can be computed by hand."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16, momentum=0.2), nn.Linear(16, 3)).double()
-    algo = MAML(model, inner_lr=LR, inner_steps=2, batch_norm="running", chunk_size=None)
+    algo = MAML(model, inner_lr=LR, inner_steps=2, batch_norm="running")
     batch = classification_batch(3, n_way=3, k=2, q=2, size=4)
     meta = algo.init()
-    _, metrics = algo.meta_loss(meta, batch)
+    _, metrics = algo.meta_loss(meta, batch, way=VMAP)
     new = merge_buffers(metrics)
     m, mean0, var0 = 0.2, meta["buffers"]["1.running_mean"], meta["buffers"]["1.running_var"]
     means, variances = [], []
@@ -265,7 +265,7 @@ def test_what_cannot_work_is_said_in_one_line():
     for model, said in ((Counts(), "writes in place"), (Branches(), "branches in Python")):
         with pytest.raises(UnsupportedModelError, match=said) as err:
             MAML(model.double(), inner_lr=LR).meta_loss(MAML(model.double()).init(), batch)
-        assert "\n" not in str(err.value) and "vectorize=False" in str(err.value) or "register" in str(err.value)
+        assert "\n" not in str(err.value) and "way=LOOP" in str(err.value) or "register" in str(err.value)
     with pytest.raises(ValueError, match="backprop='adjoint' recomputes"):
         MAML(nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(16, 3)), backprop="adjoint")
 
@@ -273,15 +273,15 @@ def test_what_cannot_work_is_said_in_one_line():
 def test_dropout_trains_vectorized_with_a_draw_per_task_and_repeats_under_a_seed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Dropout(0.5), nn.Linear(32, 3)).double()
-    algo = MAML(model, inner_lr=LR, chunk_size=None)
+    algo = MAML(model, inner_lr=LR)
     meta = algo.init()
     batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
     torch.manual_seed(1)
-    first = algo.meta_loss(meta, batch)[1]["loss"]
+    first = algo.meta_loss(meta, batch, way=VMAP)[1]["loss"]
     torch.manual_seed(1)
-    assert torch.equal(first, algo.meta_loss(meta, batch)[1]["loss"])
+    assert torch.equal(first, algo.meta_loss(meta, batch, way=VMAP)[1]["loss"])
     model.eval()
-    evaluated = [algo.evaluate(meta, batch)["loss"] for _ in range(2)]
+    evaluated = [algo.evaluate(meta, batch, way=VMAP)["loss"] for _ in range(2)]
     assert torch.equal(*evaluated)
 
 
@@ -322,7 +322,7 @@ def test_an_attention_model_runs_second_order_and_equals_the_loop():
 
     model = make(Attention)
     batch = classification_batch(3, n_way=3, k=2, q=2, size=4)
-    got, meta = algorithm_grads(MAML(model, inner_lr=LR, chunk_size=None), batch)
+    got, meta = algorithm_grads(MAML(model, inner_lr=LR), batch, VMAP)
     with sdpa_kernel([SDPBackend.MATH]):  # the loop needs the same kernel for its own double backward
         want = reference_grads(model, meta, batch, 1, False)
     assert rel_err(got, want) < TOL
@@ -332,11 +332,11 @@ def test_per_step_statistics_keep_one_copy_per_inner_step():
     """MAML++'s per-step running statistics: copy s follows the forwards of inner step s (the query: the last)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16, momentum=0.2), nn.Linear(16, 3)).double()
-    algo = build("mamlpp", model, inner_lr=LR, inner_steps=2, batch_norm="per_step", chunk_size=None)
+    algo = build("mamlpp", model, inner_lr=LR, inner_steps=2, batch_norm="per_step")
     batch = classification_batch(3, n_way=3, k=2, q=2, size=4)
     meta = algo.init()
     assert meta["buffers"]["1.running_mean"].shape == (2, 16)
-    _, metrics = algo.meta_loss(meta, batch)
+    _, metrics = algo.meta_loss(meta, batch, way=VMAP)
     new = merge_buffers(metrics)
     m, r = 0.2, torch.zeros(16, dtype=torch.float64)
     firsts, seconds = [], []

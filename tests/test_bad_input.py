@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from test_cli import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 
-from maml_func import MAML, Conv4, TaskBatch
+from maml_func import LOOP, MAML, Conv4, TaskBatch, Way
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import make_config
 
@@ -201,11 +201,10 @@ def test_out_of_range_labels_and_wrong_image_sizes_name_the_fix() -> None:
     meta = maml.init()
     labels = torch.tensor([[0, 1, 2, 3, 7]] * 2)
     images = torch.rand(2, 5, 1, 16, 16)
-    for vectorize in (True, False):
-        algo = MAML(maml.model, vectorize=vectorize)
+    for way in (Way(), LOOP):
         with pytest.raises(ValueError, match=r"labels must be class indices 0..n_way-1.*run from 0 to 7.*"
                                              r"label each task's classes 0..n_way-1"):
-            algo.meta_loss(meta, TaskBatch(images, labels, images, labels.remainder(5)))
+            maml.meta_loss(meta, TaskBatch(images, labels, images, labels.remainder(5)), way=way)
     big = torch.rand(2, 5, 1, 28, 28)
     with pytest.raises(ValueError, match=r"Conv4: expected images \[B, 1, 16, 16\], got \[5, 1, 28, 28\]; "
                                          r"build Conv4\(in_channels=..., image_size=...\)"):

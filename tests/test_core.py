@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import maml_func
-from maml_func import MAML, MLP, Conv4, TaskBatch, TaskBatchNorm, adapt, combine, sample_sinusoid_tasks, sgd
+from maml_func import (
+    LOOP, MAML, MLP, Conv4, TaskBatch, TaskBatchNorm, Way, adapt, combine, sample_sinusoid_tasks, sgd,
+)
 from maml_func.reference import loop_meta_grad, loop_task_losses
 
 TOL = 1e-10
@@ -87,10 +89,10 @@ def test_first_and_second_order_differ():
 def test_chunk_size_and_loop_do_not_change_results(chunk_size):
     model, batch, _, loss_name, lr = setups()["conv4"]
     results = []
-    for kwargs in ({}, {"chunk_size": chunk_size}, {"vectorize": False}):
-        maml = MAML(model, inner_lr=lr, inner_steps=2, loss=loss_name, **kwargs)
+    maml = MAML(model, inner_lr=lr, inner_steps=2, loss=loss_name)
+    for way in (Way(), Way(chunk_size), LOOP):
         meta = maml.init()
-        loss, metrics = maml.meta_loss(meta, batch)
+        loss, metrics = maml.meta_loss(meta, batch, way=way)
         results.append((loss, metrics["accuracy"], torch.autograd.grad(loss, list(meta["model"].values()))))
     base_loss, base_acc, base_grad = results[0]
     for loss, acc, grad in results[1:]:
@@ -159,7 +161,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="loss"):
         MAML(MLP(), loss="hinge")
     with pytest.raises(ValueError, match="chunk_size"):
-        MAML(MLP(), chunk_size=0)
+        Way(chunk_size=0)
     with pytest.raises(TypeError, match="nn.Module"):
         MAML("not a model")
     with pytest.raises(ValueError, match="appear in more than one"):

@@ -9,7 +9,8 @@ from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a
 from torch import nn
 
 from maml_func import MAML, Callback, build, fit
-from maml_func.execution import ROUNDS, ExecutionPolicy, Way, setup_key, ways
+from maml_func.batching import Way
+from maml_func.execution import ROUNDS, ExecutionPolicy, setup_key, ways
 from maml_func.reference import loop_meta_grad
 
 
@@ -27,9 +28,8 @@ def test_every_candidate_gives_the_loops_meta_gradient(name):
     meta = algorithm.init()
     grads = {}
     for way in ways(batch.num_tasks):
-        variant = way.apply(algorithm)
-        assert (variant.chunk_size, variant.vectorize) == (way.chunk_size, way.vectorize)
-        loss, _ = variant.meta_loss(meta, batch)
+        assert Way.parse(way.name) == way
+        loss, _ = algorithm.meta_loss(meta, batch, way=way)
         grads[way.name] = torch.autograd.grad(loss, algorithm.parameters(meta))
     assert sorted(grads) == ["chunk=2", "chunk=4", "chunk=8", "loop", "vmap"]
     for name_, g in grads.items():
@@ -46,20 +46,20 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
     policy = ExecutionPolicy("auto")
     seen = []
 
-    def step(variant):
-        seen.append(Way(variant.chunk_size, variant.vectorize).name)
-        loss, metrics = variant.meta_loss(meta, batch)
+    def step(way):
+        seen.append(way.name)
+        loss, metrics = algorithm.meta_loss(meta, batch, way=way)
         return loss, metrics
 
     candidates = [w.name for w in ways(4)]
     for _ in range(ROUNDS * len(candidates)):
         assert policy.searching
-        policy.run(algorithm, batch, torch.device("cpu"), step)
+        policy.run(batch, torch.device("cpu"), step)
     assert not policy.searching and policy.choice in candidates
     assert seen == [c for c in candidates for _ in range(ROUNDS)]
     assert set(policy.timings) == set(candidates) and all(t["seconds"] > 0 for t in policy.timings.values())
     assert policy.summary().startswith(f"execution: {policy.choice} (")
-    policy.run(algorithm, batch, torch.device("cpu"), step)
+    policy.run(batch, torch.device("cpu"), step)
     assert seen[-1] == policy.choice
     resumed = ExecutionPolicy("auto")
     resumed.load_state_dict(policy.state_dict())
@@ -82,9 +82,9 @@ def test_the_choice_takes_least_memory_among_the_near_fastest_within_the_budget(
 
 
 def test_fixed_modes_skip_the_search_and_a_second_run_reads_the_cache(tmp_path):
-    algorithm = MAML(small_cnn(), inner_lr=0.3, chunk_size=3)
-    assert ExecutionPolicy("loop").algorithm(algorithm, 8).vectorize is False
-    assert ExecutionPolicy("vmap").algorithm(algorithm, 8).chunk_size == 3
+    algorithm = MAML(small_cnn(), inner_lr=0.3)
+    assert ExecutionPolicy("loop").way(8).vectorize is False
+    assert ExecutionPolicy("vmap", chunk_size=3).way(8).chunk_size == 3
     batch = classification_batch(4, n_way=3, k=2, q=2, size=4)
     key = setup_key(algorithm, batch)
     first = ExecutionPolicy("auto", cache_dir=tmp_path)
@@ -128,9 +128,9 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     original = ExecutionPolicy.run
     monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "vmap")  # a new search would choose otherwise
 
-    def spy(self, algorithm, batch, device, step):
+    def spy(self, batch, device, step):
         seen.append(self.searching)
-        return original(self, algorithm, batch, device, step)
+        return original(self, batch, device, step)
 
     monkeypatch.setattr(ExecutionPolicy, "run", spy)
     resumed = fit(config.replace(save_to=str(tmp_path / "b")), resume=tmp_path / "b", progress=False)
@@ -159,19 +159,19 @@ def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dr
                       "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": 40.0}}
     calls = []
 
-    def step(variant):
-        calls.append(Way(variant.chunk_size, variant.vectorize).name)
-        if variant.chunk_size == 4:
+    def step(way):
+        calls.append(way.name)
+        if way.chunk_size == 4:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
-        return variant.meta_loss(meta, batch)[0]
+        return algorithm.meta_loss(meta, batch, way=way)[0]
 
     # chunk=4 is predicted at 40 + 30 * 2 = 100 MiB: under 0.9 * 100? no: skipped; so are chunk=8 and vmap.
-    policy.run(algorithm, batch, torch.device("cpu"), step)
+    policy.run(batch, torch.device("cpu"), step)
     assert policy.choice == "chunk=2" and calls == ["chunk=2"]
     assert policy.timings["chunk=4"]["skipped"].startswith("needs about") and "vmap skipped" in policy.summary()
     roomy = ExecutionPolicy("auto")
     roomy.timings = {"loop": {"runs": ROUNDS, "seconds": 1.0, "memory_mb": None},
                      "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": None}}
     calls.clear()
-    roomy.run(algorithm, batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=8 runs instead
+    roomy.run(batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=8 runs instead
     assert calls == ["chunk=4", "chunk=8"] and roomy.timings["chunk=4"] == {"runs": ROUNDS, "skipped": "out of memory"}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
-from maml_func import MLP, build, meta_sgd, sample_sinusoid_tasks, sgd
+from maml_func import LOOP, MLP, VMAP, Way, build, meta_sgd, sample_sinusoid_tasks, sgd
 from maml_func.algorithms import IMAML, conjugate_gradient
 
 
@@ -49,17 +49,15 @@ def _dense_meta_gradient(model, meta, batch, *, lr: float, steps: int, lam: floa
     return total / batch.num_tasks
 
 
-@pytest.mark.parametrize("execution", [dict(chunk_size=None), dict(chunk_size=1), dict(vectorize=False)],
-                         ids=["vmap", "chunk1", "loop"])
+@pytest.mark.parametrize("execution", [VMAP, Way(1), LOOP], ids=["vmap", "chunk1", "loop"])
 def test_meta_gradient_equals_a_dense_linear_solve(execution):
     torch.manual_seed(0)
     model = MLP(hidden=(8, 8)).double()  # 97 parameters: CG converges well within 200 steps
     batch = sample_sinusoid_tasks(3, 6, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     lr, steps, lam = 0.05, 20, 1.0
-    algo = IMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=200, cg_tol=1e-14, loss="mse",
-                 **execution)
+    algo = IMAML(model, inner_lr=lr, inner_steps=steps, lam=lam, cg_steps=200, cg_tol=1e-14, loss="mse")
     meta = algo.init()
-    loss, metrics = algo.meta_loss(meta, batch)
+    loss, metrics = algo.meta_loss(meta, batch, way=execution)
     got = _flat(torch.autograd.grad(loss, algo.parameters(meta)))
     want = _dense_meta_gradient(model, meta, batch, lr=lr, steps=steps, lam=lam)
     assert metrics["loss"].shape == (3,) and want.norm() > 0
@@ -103,7 +101,7 @@ def test_registered_and_reachable_from_a_config():
                          hidden=8, image_size=28)
     _, algo = build_algorithm(config)
     assert isinstance(algo, IMAML) and (algo.lam, algo.cg_steps, algo.inner_steps) == (0.5, 3, 4)
-    assert algo.inner_lr == config.inner_lr and algo.chunk_size == config.chunk_size
+    assert algo.inner_lr == config.inner_lr and not hasattr(algo, "chunk_size")  # how tasks run: the policy's
     assert build("imaml", MLP(), first_order=True, loss="mse").first_order
     with pytest.raises(ValueError, match="algorithm 'imaml' does not accept these options"):
         build_algorithm(TrainConfig(algorithm="imaml", backprop="adjoint"))  # nothing to choose: always implicit

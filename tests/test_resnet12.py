@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_core import TOL, classification_batch, rel_err
 from torch.func import functional_call, vmap
 
-from maml_func import MAML, build
+from maml_func import MAML, VMAP, build
 from maml_func.config import make_config
 from maml_func.data import ImageClasses
 from maml_func.evaluate import evaluate
@@ -25,9 +25,9 @@ def test_vmapped_second_order_meta_gradient_equals_the_loop(steps: int) -> None:
     torch.manual_seed(0)
     model = ResNet12(n_way=3, in_channels=3, image_size=16, widths=WIDTHS).double()
     batch = classification_batch(3, 3, 2, 2, 16, channels=3)
-    maml = MAML(model, inner_lr=0.1, inner_steps=steps, chunk_size=None)
+    maml = MAML(model, inner_lr=0.1, inner_steps=steps)
     meta = maml.init()
-    loss, _ = maml.meta_loss(meta, batch)
+    loss, _ = maml.meta_loss(meta, batch, way=VMAP)
     got = torch.autograd.grad(loss, list(meta["model"].values()))
     want = loop_meta_grad(model, meta["model"], batch, inner_lr=0.1, steps=steps)
     assert torch.sqrt(sum((g**2).sum() for g in want)) > 1e-6, "reference gradient is trivially zero"
@@ -86,12 +86,12 @@ def test_dropblock_trains_vectorized_with_its_own_draws_per_task_and_repeats_und
     batch = sampler.sample(4, torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     dropping = ResNet12(n_way=3, in_channels=3, image_size=16, widths=WIDTHS, drop_rate=0.3, dropblock_size=2)
-    maml = MAML(dropping, inner_lr=0.1, chunk_size=None)
+    maml = MAML(dropping, inner_lr=0.1)
     meta = maml.init()
 
     def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(seed)
-        loss, metrics = maml.meta_loss(meta, batch)
+        loss, metrics = maml.meta_loss(meta, batch, way=VMAP)
         (grad,) = torch.autograd.grad(loss, [meta["model"]["head.weight"]])
         return metrics["loss"], grad
 
@@ -102,7 +102,7 @@ def test_dropblock_trains_vectorized_with_its_own_draws_per_task_and_repeats_und
     assert not torch.equal(first, other), "the draws follow the global generator"
     twins = TaskBatch(*(t[:1].expand(2, *t.shape[1:]) for t in batch))  # the same task twice: different draws
     torch.manual_seed(3)
-    _, metrics = maml.meta_loss(meta, twins)
+    _, metrics = maml.meta_loss(meta, twins, way=VMAP)
     assert metrics["loss"][0] != metrics["loss"][1]
 
 

@@ -53,9 +53,9 @@ def test_option_values_take_the_type_of_their_parameter(tmp_path: Path) -> None:
     assert resnet.model_options == {"widths": [4, 4, 8, 8], "drop_rate": 0.1}
     listed = TrainConfig(model="resnet12", model_options={"widths": "[4, 4, 8, 8]"})
     assert listed.model_options["widths"] == [4, 4, 8, 8]
-    mamlpp = TrainConfig(algorithm="mamlpp", algorithm_options={"multi_step_iterations": "none", "vectorize": "no",
+    mamlpp = TrainConfig(algorithm="mamlpp", algorithm_options={"multi_step_iterations": "none",
                                                                 "first_order_iterations": "3"})
-    assert mamlpp.algorithm_options == {"multi_step_iterations": None, "vectorize": False, "first_order_iterations": 3}
+    assert mamlpp.algorithm_options == {"multi_step_iterations": None, "first_order_iterations": 3}
     assert TrainConfig(algorithm="imaml", algorithm_options={"lam": "1"}).algorithm_options == {"lam": 1.0}
     assert TrainConfig(algorithm="anil", algorithm_options={"loss": "mse"}).algorithm_options == {"loss": "mse"}
     # A parameter without type information (torchvision's **kwargs) takes a JSON-like literal.
@@ -94,9 +94,8 @@ BAD_OPTIONS = {
     "unknown option": (["--model-option", "poool=true"], "'poool' is not a parameter of Conv4 (did you mean 'pool'?)"),
     "inner steps": (["--algorithm-option", "inner_steps=2"], "set them with --inner-steps instead"),
     "batch norm": (["--algorithm-option", "batch_norm=running"], "set them with --batch-norm instead"),
-    "algorithm bool": (["--algorithm-option", "vectorize=maybe"],
-                       "algorithm_options vectorize='maybe' is not valid: vectorize of algorithm 'maml' takes true or "
-                       "false"),
+    "algorithm float": (["--algorithm", "imaml", "--algorithm-option", "lam=big"],
+                        "algorithm_options lam='big' is not valid: lam of algorithm 'imaml' takes a number"),
     "algorithm int": (["--algorithm", "imaml", "--algorithm-option", "cg_steps=2.5"],
                       "cg_steps='2.5' is not valid: cg_steps of algorithm 'imaml' takes an integer (e.g. 5)"),
     "unknown module": (["--model", "nosuchpackage.nets:cnn"], "model 'nosuchpackage.nets:cnn': no module named "

@@ -1,82 +1,46 @@
-"""What every algorithm of the family is, and the pieces they are built from.
+"""What every algorithm of the family is (:class:`Algorithm`), and what they share (:class:`MetaLearner`).
 
 :class:`Algorithm` is the interface as a type (in the manner of optax's
 ``GradientTransformation`` protocol): what training, evaluation and the CLI
-rely on, and nothing else. An algorithm is then put together from public
-pieces, each usable on its own:
-
-- the one per-task call of the model, with its buffers threaded through
-  (:func:`maml_func.core.apply_model`): the objective :func:`model_loss` and
-  the scores :func:`score`, :func:`score_path`, on top of :func:`task_loss`;
-  a task's final buffers travel in its metrics (:func:`with_buffers`) and
-  :func:`merge_buffers` turns the meta-batch's into the next meta-buffers;
-- the inner loop: :func:`maml_func.inner.adapt_trajectory` with an
-  :class:`~maml_func.inner.InnerRule`, resolved from the constructor's
-  ``inner_lr``/``rule`` by :func:`resolve_rule`;
-- the batching over tasks: :func:`maml_func.batching.map_tasks`, with an
-  algorithm's own options by :func:`map_algorithm`, and the evaluation of
-  every inner step of a meta-batch, :func:`evaluate_paths`;
-- the checks of the options every algorithm has, and the model in its exact
-  form for the BatchNorm policy: :func:`check_options`.
+rely on, and nothing else. :class:`MetaLearner` is the one implementation of
+what the algorithms share: the options every one of them has (declared here
+once, with their checks and docs), the meta-parameters, the inner loop's
+``trajectory`` and ``adapt``, and the batching of the per-task function over a
+meta-batch (``meta_loss``, ``evaluate``), run the :class:`~maml_func.batching.Way`
+the caller gives. An algorithm subclasses it and states only what is new: its
+own options, :meth:`MetaLearner._path` (the inner loop of one task) and
+:meth:`MetaLearner.task_metrics` (one task's meta-objective), from the pieces
+of :mod:`maml_func.algorithms.pieces`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_func import checks
-from maml_func.batching import check_chunk_size, map_tasks, stack_metrics
-from maml_func.core import MetaParams, Params, accuracy, apply_model, params_and_buffers
-from maml_func.inner import InnerRule, sgd
-from maml_func.models import DropBlock
-from maml_func.normalization import BATCH_NORM_POLICIES, exact_model
+from maml_func.algorithms.pieces import (
+    LOSSES, Metrics, init_meta, meta_buffers, meta_parameters, resolve_rule, score,
+)
+from maml_func.batching import Way, map_tasks, stack_metrics
+from maml_func.core import MetaParams, Params
+from maml_func.inner import InnerRule
+from maml_func.normalization import BATCH_NORM_POLICIES, at_step, exact_model, running_statistics, stack_per_step
 from maml_func.tasks import TaskBatch
 
-__all__ = [
-    "BUFFERS",
-    "LOSSES",
-    "Algorithm",
-    "PlainRuleAlgorithm",
-    "Metrics",
-    "check_options",
-    "evaluate_paths",
-    "init_meta",
-    "map_algorithm",
-    "merge_buffers",
-    "meta_buffers",
-    "meta_parameters",
-    "model_loss",
-    "random_layers",
-    "resolve_plain_rule",
-    "resolve_rule",
-    "score",
-    "score_path",
-    "task_loss",
-    "with_buffers",
-]
-
-#: The prefix of the metrics that carry a task's buffers after its forwards: ``"buffers.<name>"``.
-BUFFERS = "buffers."
-
-#: Named per-task (or per-task, per-step) results: ``{"loss": ..., "accuracy": ...}``.
-Metrics = dict[str, Tensor]
-
-_LOSS_FNS = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-#: The per-task objectives by name; ``"cross_entropy"`` also reports accuracy.
-LOSSES = tuple(_LOSS_FNS)
+__all__ = ["Algorithm", "MetaLearner"]
 
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """The interface of every meta-learning algorithm (:class:`~maml_func.MAML`, :class:`~maml_func.Reptile`).
+    """The interface of every meta-learning algorithm (:class:`~maml_func.MAML`, :class:`~maml_func.Reptile`, ...).
 
-    Meta-parameters are ``{"model": Params, "rule": Params}``; one task is
-    ``x_support [S, ...]``, ``y_support [S]``; a meta-batch is a
-    :class:`~maml_func.tasks.TaskBatch` of T tasks.
+    Meta-parameters are ``{"model": Params, "rule": Params, "buffers": Params}``;
+    one task is ``x_support [S, ...]``, ``y_support [S]``; a meta-batch is a
+    :class:`~maml_func.tasks.TaskBatch` of T tasks, run the
+    :class:`~maml_func.batching.Way` given (``None``: ``Way()``).
 
     Example:
         >>> from maml_func import MLP, build
@@ -94,26 +58,20 @@ class Algorithm(Protocol):
 
     @property
     def loss(self) -> str:
-        """The per-task objective, one of :data:`LOSSES`."""
-
-    @property
-    def chunk_size(self) -> int | str | None:
-        """Tasks per ``vmap`` chunk, ``None`` or ``"auto"`` (see :mod:`maml_func.batching`)."""
-
-    @property
-    def vectorize(self) -> bool:
-        """``False``: tasks run in a Python loop instead of ``vmap``."""
+        """The per-task objective, one of :data:`~maml_func.algorithms.pieces.LOSSES`."""
 
     def init(self) -> MetaParams:
-        """Fresh meta-parameters, every leaf with ``requires_grad``."""
+        """Fresh meta-parameters, every learned leaf with ``requires_grad``."""
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
         """Every meta-learned tensor of ``meta``, for an optimizer."""
 
-    def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
+    def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0, *,
+                  way: Way | None = None) -> tuple[Tensor, Metrics]:
         """``(loss [], per-task metrics [T])``; ``loss.backward()`` gives the meta-gradient."""
 
-    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
+    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
+                 way: Way | None = None) -> Metrics:
         """Query metrics after each of 0..``steps`` inner updates, ``[T, steps + 1]``."""
 
     def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
@@ -125,219 +83,184 @@ class Algorithm(Protocol):
         """Params after each of 0..``steps`` inner updates on one task's support set."""
 
 
-def task_loss(loss: str, out: Tensor, target: Tensor) -> Tensor:
-    """The objective ``loss`` (one of :data:`LOSSES`) of a model's output on one task.  ``[B, ...], [B] -> []``
+@dataclass(frozen=True, eq=False)
+class MetaLearner:
+    """The options every algorithm of the family has, and what they share; subclassed by each algorithm.
 
-    Example:
-        >>> import torch
-        >>> task_loss("mse", torch.zeros(2, 1), torch.ones(2, 1))
-        tensor(1.)
-    """
-    return _LOSS_FNS[checks.choice("task_loss", "loss", loss, LOSSES)](out, target)
+    Args:
+        model: the template network (e.g. :class:`~maml_func.Conv4`); never
+            mutated. Its normalization layers run in their exact form
+            (:func:`~maml_func.normalization.exact_model`, visible as
+            ``algorithm.model``).
+        inner_lr: inner step size. Without ``rule``, the step size of
+            :func:`~maml_func.sgd` (default: the algorithm's
+            ``default_inner_lr``); with a ``rule``, read from it
+            (``rule.lr``), so leave it out or give the same value.
+        inner_steps: inner updates at meta-training time (evaluation may use more).
+        rule: the inner update (:class:`~maml_func.inner.InnerRule`); defaults
+            to ``sgd(inner_lr)``.
+        loss: ``"cross_entropy"`` (classification, reports accuracy) or ``"mse"``.
+        batch_norm: how BatchNorm layers normalize, one of
+            :data:`~maml_func.normalization.BATCH_NORM_POLICIES`: ``"batch"``
+            (default; batch statistics at meta-train and meta-test),
+            ``"running"`` (running statistics accumulated from the meta-batch,
+            used in eval mode) or ``"per_step"`` (MAML++: a set of running
+            statistics per inner step); :mod:`maml_func.normalization` gives
+            the rules. An algorithm may allow fewer.
 
-
-def model_loss(model: nn.Module, loss: str, params: Params, buffers: Params, x: Tensor, y: Tensor, *,
-               double_backward: bool = False) -> tuple[Tensor, Params]:
-    """The objective ``loss`` of ``model`` run with ``params`` and ``buffers`` on ``(x, y)``, and the buffers after.
-
-    ``(loss [], buffers)``: the support loss of the inner loop (``double_backward``
-    when it is differentiated twice, see :func:`maml_func.core.apply_model`).
-    """
-    out, buffers = apply_model(model, params, buffers, x, double_backward=double_backward)
-    return task_loss(loss, out, y), buffers
-
-
-def score(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tensor, loss: str) -> tuple[Metrics, Params]:
-    """``({"loss": [], "accuracy": []}, buffers)`` of ``model`` run with ``params`` and ``buffers`` on ``(x, y)``.
-
-    Accuracy only for ``loss="cross_entropy"``; the buffers as the forward left them.
-    """
-    out, buffers = apply_model(model, params, buffers, x)
-    metrics = {"loss": task_loss(loss, out, y)}
-    if loss == "cross_entropy":
-        metrics["accuracy"] = accuracy(out, y)
-    return metrics, buffers
-
-
-def score_path(model: nn.Module, path: Sequence[Params], buffers: Params, x: Tensor, y: Tensor, loss: str) -> Metrics:
-    """:func:`score` of every params along an inner-loop path with the same ``buffers``, stacked: ``[len(path)]``."""
-    return stack_metrics([score(model, p, buffers, x, y, loss)[0] for p in path])
-
-
-def with_buffers(metrics: Metrics, buffers: Params) -> Metrics:
-    """``metrics`` and a task's final ``buffers`` under ``"buffers.<name>"`` (how they leave a per-task function)."""
-    return {**metrics, **{BUFFERS + k: v for k, v in buffers.items()}}
-
-
-def merge_buffers(metrics: Metrics) -> Params:
-    """The meta-batch's buffers from its per-task ones in ``metrics`` (``"buffers.<name>" [T, ...]``).
-
-    The mean over tasks of each floating-point buffer (BatchNorm running
-    statistics: the rule of :mod:`maml_func.normalization`); the largest value
-    of an integer one (a counter such as ``num_batches_tracked``, the same in
-    every task). ``{}`` when the metrics carry none.
-
-    Example:
-        >>> import torch
-        >>> merge_buffers({"loss": torch.zeros(2), "buffers.mean": torch.tensor([[1.0], [3.0]]),
-        ...                "buffers.n": torch.tensor([4, 4])})
-        {'mean': tensor([2.]), 'n': tensor(4)}
-    """
-    merged = {}
-    for key, value in metrics.items():
-        if key.startswith(BUFFERS):
-            name = key[len(BUFFERS):]
-            merged[name] = value.mean(0) if value.is_floating_point() else value.amax(0)
-    return merged
-
-
-def meta_parameters(meta: MetaParams) -> list[Tensor]:
-    """Every meta-learned tensor: the initialization's, then the rule's (buffers are state, not learned)."""
-    return [*meta["model"].values(), *meta["rule"].values()]
-
-
-def meta_buffers(meta: MetaParams, model: nn.Module) -> Params:
-    """``meta["buffers"]``; for meta-parameters made without them (``{"model": ..., "rule": ...}``), the model's own."""
-    if "buffers" in meta:
-        return meta["buffers"]
-    return {k: v.detach() for k, v in model.named_buffers()}
-
-
-def init_meta(model: nn.Module, rule_params: Params) -> MetaParams:
-    """``{"model": params, "rule": rule_params, "buffers": buffers}``: fresh copies, learned leaves with grad."""
-    params, buffers = params_and_buffers(model)
-    return {"model": params,
-            "rule": {k: v.detach().clone().requires_grad_(True) for k, v in rule_params.items()},
-            "buffers": buffers}
-
-
-def check_options(where: str, model: Any, inner_steps: Any, loss: Any, chunk_size: Any,
-                  batch_norm: Any = "batch") -> nn.Module:
-    """Check the options every algorithm has (``where``, the algorithm's name, in each message).
-
-    Returns:
-        The model the algorithm runs: :func:`~maml_func.normalization.exact_model`
-        of ``model`` for the ``batch_norm`` policy (``model`` itself when no
-        layer needs changing).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    checks.integer(where, "inner_steps", inner_steps, minimum=0)
-    checks.choice(where, "loss", loss, LOSSES)
-    check_chunk_size(where, chunk_size)
-    checks.choice(where, "batch_norm", batch_norm, BATCH_NORM_POLICIES)
-    return exact_model(model, batch_norm)
-
-
-def resolve_rule(where: str, rule: Any, inner_lr: Any, default_lr: float) -> tuple[InnerRule, float | None]:
-    """The inner rule an algorithm runs, and its inner step size: ``(rule, inner_lr)``.
-
-    The rule is the one source of the step size. Without a rule it is
-    ``sgd(inner_lr)`` (``sgd(default_lr)`` when ``inner_lr`` is ``None``); with
-    one, ``inner_lr`` is read from its ``lr``, and an ``inner_lr`` given as
-    well must agree with it. A rule that declares no ``lr`` keeps ``inner_lr``
-    as given.
-
-    Example:
-        >>> from maml_func import lslr
-        >>> resolve_rule("MAML", lslr(0.1), None, 0.4)[1]
-        0.1
-        >>> resolve_rule("MAML", lslr(0.1), 0.4, 0.4)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: MAML: inner_lr=0.4 contradicts the step size of the rule (0.1); leave inner_lr out ...
-    """
-    checks.number(where, "inner_lr", inner_lr, positive=True, none_ok=True)
-    if rule is None:
-        rule = sgd(default_lr if inner_lr is None else inner_lr)
-        return rule, rule.lr
-    if not isinstance(rule, InnerRule):
-        raise TypeError(f"{where}: rule must be an InnerRule such as sgd(0.4) or meta_sgd(0.4), "
-                        f"got {type(rule).__name__}")
-    if rule.lr is None:
-        return rule, inner_lr
-    if inner_lr is not None and float(inner_lr) != rule.lr:
-        raise ValueError(f"{where}: inner_lr={inner_lr!r} contradicts the step size of the rule ({rule.lr!r}); "
-                         "leave inner_lr out (it is read from the rule) or build the rule with the step size you want")
-    return rule, rule.lr
-
-
-def resolve_plain_rule(where: str, rule: Any, inner_lr: Any, default_lr: float, model: nn.Module, inner_steps: int,
-                       why: str) -> tuple[InnerRule, float | None]:
-    """:func:`resolve_rule` for an algorithm that meta-learns no inner rule (Reptile, iMAML).
-
-    A rule with meta-learned parameters (``meta_sgd``, ``lslr``) is refused,
-    with ``why`` (why this algorithm cannot train them) in the message.
-    """
-    rule, inner_lr = resolve_rule(where, rule, inner_lr, default_lr)
-    learned = rule.init(dict(model.named_parameters()), inner_steps)
-    if learned:
-        raise ValueError(f"{where}: the inner rule has meta-learned parameters ({sorted(learned)[:3]}...), "
-                         f"which {why}; use sgd(lr), or MAML with this rule")
-    return rule, inner_lr
-
-
-class PlainRuleAlgorithm:
-    """The set-up of an algorithm whose inner rule has no meta-learned parameters (Reptile, iMAML).
-
-    A base for frozen dataclasses with ``model``, ``rule``, ``inner_lr`` and
-    ``inner_steps`` fields: :meth:`_set_rule` in ``__post_init__``, then
-    :meth:`init` and :meth:`parameters` as every such algorithm has them.
+    How the tasks of a meta-batch run (one ``vmap``, chunks, a loop) is not an
+    option of the algorithm: ``meta_loss`` and ``evaluate`` take the
+    :class:`~maml_func.batching.Way` (``way=``), which the execution policy
+    (:mod:`maml_func.execution`) picks by timing.
     """
 
-    def _set_rule(self, default_lr: float, why: str) -> None:
-        """Resolve ``rule``/``inner_lr`` (:func:`resolve_plain_rule`) into ``_rule`` and ``inner_lr``."""
+    model: nn.Module
+    inner_lr: float | None = None
+    inner_steps: int = 1
+    rule: InnerRule | None = None
+    loss: str = "cross_entropy"
+    batch_norm: str = "batch"
+    _rule: InnerRule = field(init=False, repr=False)
+    #: The buffers kept once per inner step (``batch_norm="per_step"``); none otherwise. Found once, at construction.
+    _stepped: list[str] = field(init=False, repr=False)
+
+    #: The step size of ``sgd`` when neither ``inner_lr`` nor ``rule`` is given.
+    default_inner_lr: ClassVar[float] = 0.4
+    #: ``None``: the inner rule's parameters are meta-learned; else why this algorithm cannot learn them.
+    fixed_rule_reason: ClassVar[str | None] = None
+    #: The per-task metric whose mean over tasks ``meta_loss`` returns.
+    objective: ClassVar[str] = "loss"
+
+    def __post_init__(self) -> None:
         name = type(self).__name__
-        rule, inner_lr = resolve_plain_rule(name, self.rule, self.inner_lr, default_lr, self.model,  # type: ignore
-                                            self.inner_steps, why)  # type: ignore[attr-defined]
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"{name}: model must be an nn.Module, got {type(self.model).__name__}")
+        checks.integer(name, "inner_steps", self.inner_steps, minimum=0)
+        checks.choice(name, "loss", self.loss, LOSSES)
+        checks.choice(name, "batch_norm", self.batch_norm, BATCH_NORM_POLICIES)
+        object.__setattr__(self, "model", exact_model(self.model, self.batch_norm))
+        self._check()
+        rule, inner_lr = resolve_rule(name, self.rule, self.inner_lr, self.default_inner_lr)
+        if self.fixed_rule_reason is not None:
+            learned = rule.init(dict(self.model.named_parameters()), self.inner_steps)
+            if learned:
+                raise ValueError(f"{name}: the inner rule has meta-learned parameters ({sorted(learned)[:3]}...), "
+                                 f"which {self.fixed_rule_reason}; use sgd(lr), or MAML with this rule")
         object.__setattr__(self, "_rule", rule)
         object.__setattr__(self, "inner_lr", inner_lr)
+        object.__setattr__(self, "_stepped", running_statistics(self.model) if self.batch_norm == "per_step" else [])
 
+    def _check(self) -> None:
+        """The algorithm's own checks, run after the shared ones (``self.model`` is the exact form by then)."""
+
+    # ----------------------------------------------------------------- set-up
     def init(self) -> MetaParams:
-        """Fresh meta-parameters ``{"model": Params, "rule": {}, "buffers": Params}``."""
-        return init_meta(self.model, {})  # type: ignore[attr-defined]
+        """Fresh meta-parameters: the model's initialization, the rule's own, the model's buffers.
+
+        Returns:
+            ``{"model": Params, "rule": Params, "buffers": Params}``, the
+            learned leaves with ``requires_grad``; the buffers are state, not
+            learned (per inner step with ``batch_norm="per_step"``).
+        """
+        meta = init_meta(self.model, self._rule.init(self._adapted(dict(self.model.named_parameters())),
+                                                     self.inner_steps))
+        if self._stepped:
+            meta["buffers"] = stack_per_step(meta["buffers"], self._stepped, max(self.inner_steps, 1))
+        return meta
 
     def parameters(self, meta: MetaParams) -> list[Tensor]:
-        """Every meta-learned tensor, for an optimizer."""
+        """Every meta-learned tensor, for an optimizer: ``Adam(algorithm.parameters(meta))``."""
         return meta_parameters(meta)
 
+    def _adapted(self, params: Params) -> Params:
+        """The parameters the inner loop changes (all, unless the algorithm says otherwise)."""
+        return params
 
-def map_algorithm(algorithm: Algorithm, fn: Callable[..., Metrics], meta: MetaParams, batch: TaskBatch, *,
-                  randomness: str = "different") -> Metrics:
-    """:func:`maml_func.batching.map_tasks` of ``fn(meta, xs, ys, xq, yq)`` with ``algorithm``'s batching options."""
-    return map_tasks(fn, meta, batch, chunk_size=algorithm.chunk_size, vectorize=algorithm.vectorize,
-                     caller=type(algorithm).__name__, model=algorithm.model, randomness=randomness)
+    def _steps(self, steps: int | None) -> int:
+        return self.inner_steps if steps is None else checks.integer(type(self).__name__, "steps", steps, minimum=0)
 
+    # -------------------------------------------------------------- one task
+    def _path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int,
+              iteration: int = 0) -> tuple[list[Params], Params]:
+        """Full params after 0..``steps`` inner updates on one task, and the buffers after its support forwards."""
+        raise NotImplementedError
 
-def random_layers(model: nn.Module) -> list[str]:
-    """Names of ``model``'s layers that draw random numbers in training mode (Dropout with ``p > 0``, DropBlock).
+    def task_metrics(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, x_query: Tensor,
+                     y_query: Tensor, iteration: int = 0) -> Metrics:
+        """One task's metrics, ``{"loss": [], ...}``: what ``meta_loss`` averages (its :attr:`objective`).
 
-    Example:
-        >>> from torch import nn
-        >>> random_layers(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Dropout(0.0)))
-        ['1']
-    """
-    return [name for name, module in model.named_modules()
-            if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
-            or (isinstance(module, DropBlock) and module.drop_rate > 0)]
+        Shapes: ``x_support [S, ...]``, ``y_support [S]``, ``x_query [Q, ...]``,
+        ``y_query [Q]``. ``iteration`` (the meta-training step) drives an
+        algorithm's schedules.
+        """
+        raise NotImplementedError
 
+    def trajectory(
+        self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
+    ) -> list[Params]:
+        """Full params after 0..``steps`` inner updates on one task's support set (``steps + 1`` dicts).
 
-def evaluate_paths(algorithm: Algorithm, meta: MetaParams, batch: TaskBatch,
-                   path: Callable[[MetaParams, Tensor, Tensor], Sequence[Params]],
-                   query_buffers: Callable[[Params, int], Params] | None = None) -> Metrics:
-    """Query metrics along ``path(meta, x_support, y_support)`` of every task, ``[T, len(path)]`` each.
+        ``x_support: [S, *input_shape]``, ``y_support: [S]``; ``steps`` defaults to ``inner_steps``.
+        """
+        return self._path(meta, x_support, y_support, self._steps(steps))[0]
 
-    Every point of the path is scored with the meta-buffers (in eval mode the
-    running statistics; the support forwards of the path leave them alone),
-    or with ``query_buffers(meta["buffers"], j)`` for the point after ``j`` steps.
-    """
+    def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
+        """Adapted full params for one task (``steps`` defaults to ``inner_steps``)."""
+        return self.trajectory(meta, x_support, y_support, steps)[-1]
 
-    def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
-        points = path(meta, xs, ys)
-        if query_buffers is None:
-            return score_path(algorithm.model, points, meta_buffers(meta, algorithm.model), xq, yq, algorithm.loss)
-        buffers = meta_buffers(meta, algorithm.model)
-        return stack_metrics([score(algorithm.model, p, query_buffers(buffers, j), xq, yq, algorithm.loss)[0]
-                              for j, p in enumerate(points)])
+    # -------------------------------------------------------------- T tasks
+    def _randomness(self) -> str:
+        """``vmap``'s randomness for ``meta_loss``: random layers draw per task."""
+        return "different"
 
-    return map_algorithm(algorithm, fn, meta, batch)
+    def _map(self, fn: Any, meta: MetaParams, batch: TaskBatch, way: Way | None, randomness: str = "different"
+             ) -> Metrics:
+        return map_tasks(fn, meta, batch, way=way, caller=type(self).__name__, model=self.model,
+                         randomness=randomness)
+
+    def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0, *,
+                  way: Way | None = None) -> tuple[Tensor, Metrics]:
+        """The meta-objective of a meta-batch: the mean over tasks of :meth:`task_metrics`' :attr:`objective`.
+
+        Args:
+            meta: meta-parameters from :meth:`init`.
+            batch: T tasks.
+            iteration: the meta-training step, for algorithms with schedules.
+            way: how the tasks run (:class:`~maml_func.batching.Way`); the
+                same result any way, up to rounding. ``None``: ``Way()``.
+
+        Returns:
+            ``(loss [], metrics)`` with per-task ``metrics["loss"]`` /
+            ``["accuracy"]`` of shape ``[T]``. ``loss.backward()`` leaves
+            meta-gradients in the ``.grad`` of ``meta``'s tensors.
+        """
+
+        def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
+            return self.task_metrics(meta, xs, ys, xq, yq, iteration)
+
+        metrics = self._map(fn, meta, batch, way, self._randomness())
+        return metrics[self.objective].mean(), metrics
+
+    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
+                 way: Way | None = None) -> Metrics:
+        """Query loss and accuracy after each of 0..``steps`` inner updates.
+
+        Every point of the path is scored with the meta-buffers (in eval mode
+        the running statistics; the support forwards of the path leave them
+        alone); with ``batch_norm="per_step"``, the point after ``j`` steps
+        with the statistics of the step that made it.
+
+        Returns:
+            ``{"loss": [T, steps+1], "accuracy": [T, steps+1]}`` (no accuracy
+            for ``loss="mse"``). Wrap in ``torch.no_grad()`` when no
+            meta-gradient is wanted (the inner ``grad`` still works there).
+        """
+        steps = self._steps(steps)
+
+        def fn(meta: MetaParams, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Metrics:
+            path, _ = self._path(meta, xs, ys, steps)
+            buffers = meta_buffers(meta, self.model)
+            return stack_metrics([score(self.model, p, at_step(buffers, self._stepped, max(j - 1, 0)), xq, yq,
+                                        self.loss)[0] for j, p in enumerate(path)])
+
+        return self._map(fn, meta, batch, way)

@@ -35,25 +35,20 @@ network, as in the paper.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import grad, grad_and_value, vjp
 
 from maml_func import checks
-from maml_func.algorithms.base import (
-    Metrics, PlainRuleAlgorithm, check_options, evaluate_paths, map_algorithm, meta_buffers, model_loss, random_layers,
-    task_loss,
-)
+from maml_func.algorithms.base import MetaLearner
+from maml_func.algorithms.pieces import Metrics, meta_buffers, model_loss, random_layers, task_loss
 from maml_func.core import MetaParams, Params, accuracy, apply_model
-from maml_func.inner import InnerRule, adapt_trajectory
-from maml_func.tasks import TaskBatch
+from maml_func.inner import adapt_trajectory
 
 __all__ = ["IMAML", "conjugate_gradient"]
-
-_DEFAULT_INNER_LR = 0.1
 
 
 def _dot(a: Params, b: Params) -> Tensor:
@@ -105,31 +100,24 @@ def conjugate_gradient(
 
 
 @dataclass(frozen=True, eq=False)
-class IMAML(PlainRuleAlgorithm):
-    """Implicit MAML (Rajeswaran et al. 2019), batched over tasks with ``vmap``.
+class IMAML(MetaLearner):
+    """Implicit MAML (Rajeswaran et al. 2019).
 
     Args:
-        model: the template network; never mutated.
-        inner_lr: inner step size. Without ``rule``, the step size of
-            :func:`~maml_func.sgd` (default 0.1); with a ``rule``, read from it.
-            Gradient descent on the proximal loss is stable for
-            ``inner_lr * (lam + curvature) < 2``.
-        inner_steps: inner updates of the proximal problem at meta-training time.
+        model, inner_lr, inner_steps, rule, loss, batch_norm: as every
+            algorithm has them (:class:`~maml_func.algorithms.base.MetaLearner`);
+            ``inner_lr`` defaults to 0.1 (gradient descent on the proximal
+            loss is stable for ``inner_lr * (lam + curvature) < 2``),
+            ``inner_steps`` (of the proximal problem) to 10; the rule may have
+            no meta-learned parameters (the implicit gradient gives them
+            none); ``batch_norm`` ``"batch"`` only (the implicit gradient is
+            taken at the inner solution, with no record of the forwards that
+            running statistics would follow).
         lam: the proximal regularization ``lambda`` (the paper's Omniglot runs use 2).
         cg_steps: conjugate-gradient iterations per task (Hessian-vector products).
         cg_tol: relative residual at which a task's solve stops moving; 0: all ``cg_steps``.
         first_order: ``True`` skips the solve and meta-trains with
             ``grad L_query(phi)`` itself (``(I + H/lam)^-1`` taken as ``I``).
-        rule: the inner update; defaults to ``sgd(inner_lr)``. It must have no
-            meta-learned parameters (the implicit gradient gives them none).
-        loss: ``"cross_entropy"`` (reports accuracy) or ``"mse"``.
-        chunk_size: tasks per vectorized chunk; ``None`` = all at once;
-            ``"auto"`` (default) as in :class:`~maml_func.MAML`.
-        vectorize: ``False`` loops over tasks in Python instead of ``vmap``.
-        batch_norm: the BatchNorm policy; ``"batch"`` only (batch statistics
-            at meta-train and meta-test): the implicit gradient is taken at
-            the inner solution, with no record of the forwards that running
-            statistics would follow.
 
     The model's buffers are read as they are in ``meta["buffers"]`` by every
     forward; writes to them stay inside the task.
@@ -142,24 +130,18 @@ class IMAML(PlainRuleAlgorithm):
         >>> loss.backward()   # the implicit meta-gradient lands in meta["model"][name].grad
     """
 
-    model: nn.Module
-    inner_lr: float | None = None
     inner_steps: int = 10
     lam: float = 2.0
     cg_steps: int = 5
     cg_tol: float = 0.0
     first_order: bool = False
-    rule: InnerRule | None = None
-    loss: str = "cross_entropy"
-    chunk_size: int | str | None = "auto"
-    vectorize: bool = True
-    batch_norm: str = "batch"
-    _rule: InnerRule = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    default_inner_lr = 0.1
+    fixed_rule_reason = ("the implicit meta-gradient does not train (it depends on the inner solution only, "
+                         "not on the path to it)")
+
+    def _check(self) -> None:
         name = type(self).__name__
-        object.__setattr__(self, "model", check_options(name, self.model, self.inner_steps, self.loss,
-                                                        self.chunk_size, self.batch_norm))
         if self.batch_norm != "batch":
             raise ValueError(f"{name}: batch_norm={self.batch_norm!r} is not available for iMAML (its meta-gradient "
                              "is taken at the inner solution, with no record of the forwards that running "
@@ -173,23 +155,15 @@ class IMAML(PlainRuleAlgorithm):
         checks.integer(name, "cg_steps", self.cg_steps, minimum=1, expect="a positive int")
         checks.number(name, "cg_tol", self.cg_tol, minimum=0)
         checks.flag(name, "first_order", self.first_order)
-        self._set_rule(_DEFAULT_INNER_LR, "the implicit meta-gradient does not train (it depends on the inner "
-                                          "solution only, not on the path to it)")
 
     # -------------------------------------------------------------- one task
     def _loss(self, params: Params, buffers: Params, x: Tensor, y: Tensor) -> Tensor:
         return model_loss(self.model, self.loss, params, buffers, x, y, double_backward=not self.first_order)[0]
 
-    def trajectory(
-        self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
-    ) -> list[Params]:
-        """Params after 0..``steps`` inner updates of the proximal problem on one task (no graph).
-
-        ``x_support [S, ...]``, ``y_support [S]``; ``steps`` defaults to ``inner_steps``.
-        """
-        steps = self.inner_steps if steps is None else checks.integer("IMAML", "steps", steps, minimum=0)
+    def _path(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int,
+              iteration: int = 0) -> tuple[list[Params], Params]:
+        """Params after 0..``steps`` inner updates of the proximal problem on one task (no graph), and the buffers."""
         anchor = {k: v.detach() for k, v in meta["model"].items()}
-
         buffers = meta_buffers(meta, self.model)
 
         def proximal(p: Params) -> Tensor:
@@ -197,11 +171,7 @@ class IMAML(PlainRuleAlgorithm):
             return self._loss(p, buffers, x_support, y_support) + 0.5 * self.lam * distance
 
         # No gradient flows through the inner loop: the meta-gradient is implicit.
-        return adapt_trajectory(proximal, anchor, rule=self._rule, steps=steps, first_order=True)
-
-    def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
-        """Adapted params for one task (``steps`` defaults to ``inner_steps``)."""
-        return self.trajectory(meta, x_support, y_support, steps)[-1]
+        return adapt_trajectory(proximal, anchor, rule=self._rule, steps=steps, first_order=True), buffers
 
     def implicit_gradient(self, phi: Params, query_grad: Params, x_support: Tensor, y_support: Tensor,
                           buffers: Params | None = None) -> Params:
@@ -222,7 +192,7 @@ class IMAML(PlainRuleAlgorithm):
         return conjugate_gradient(matvec, query_grad, steps=self.cg_steps, tol=self.cg_tol)
 
     def task_metrics(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, x_query: Tensor,
-                     y_query: Tensor) -> Metrics:
+                     y_query: Tensor, iteration: int = 0) -> Metrics:
         """Adapt on one task's support set, score on its query set; the backward of ``"loss"`` is implicit.
 
         Shapes: ``x_support [S, ...]``, ``y_support [S]``, ``x_query [Q, ...]``,
@@ -238,26 +208,6 @@ class IMAML(PlainRuleAlgorithm):
         if self.loss == "cross_entropy":
             metrics["accuracy"] = out[1]
         return metrics
-
-    # -------------------------------------------------------------- T tasks
-    def meta_loss(self, meta: MetaParams, batch: TaskBatch, iteration: int = 0) -> tuple[Tensor, Metrics]:
-        """The mean query loss after adaptation; ``loss.backward()`` gives the implicit meta-gradient.
-
-        Args:
-            meta: meta-parameters from :meth:`init`.
-            batch: T tasks.
-            iteration: unused (iMAML has no schedule); kept for the interface.
-
-        Returns:
-            ``(loss [], metrics)`` with per-task ``metrics["loss"]`` / ``["accuracy"]`` ``[T]``.
-        """
-        metrics = map_algorithm(self, lambda meta, *task: self.task_metrics(meta, *task), meta, batch)
-        return metrics["loss"].mean(), metrics
-
-    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None) -> Metrics:
-        """Query loss and accuracy after each of 0..``steps`` proximal inner updates, ``[T, steps + 1]``."""
-        steps = self.inner_steps if steps is None else steps
-        return evaluate_paths(self, meta, batch, lambda meta, xs, ys: self.trajectory(meta, xs, ys, steps))
 
 
 class _ImplicitLoss(torch.autograd.Function):
