@@ -15,6 +15,7 @@ of :mod:`maml_func.algorithms.pieces`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -74,13 +75,12 @@ class Algorithm(Protocol):
                  way: Way | None = None) -> Metrics:
         """Query metrics after each of 0..``steps`` inner updates, ``[T, steps + 1]``."""
 
-    def adapt(self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None) -> Params:
-        """Params adapted to one task's support set."""
-
-    def trajectory(
-        self, meta: MetaParams, x_support: Tensor, y_support: Tensor, steps: int | None = None
-    ) -> list[Params]:
-        """Params after each of 0..``steps`` inner updates on one task's support set."""
+    #: ``adapt(meta, x_support, y_support, steps=None) -> Params``: params adapted to one task's support set
+    #: (written once, by :class:`MetaLearner`).
+    adapt: Callable[..., Params]
+    #: ``trajectory(meta, x_support, y_support, steps=None) -> list[Params]``: params after each of
+    #: 0..``steps`` inner updates on one task's support set.
+    trajectory: Callable[..., list[Params]]
 
 
 @dataclass(frozen=True, eq=False)
