@@ -462,9 +462,9 @@ def fit(
             written is only warned about.
         TrainingInterrupted: on SIGINT/SIGTERM, after saving ``last.pt``.
 
-        A run that stops with an error keeps ``save_to`` if it holds a
-        ``last.pt`` to resume from, and otherwise leaves nothing there; the
-        error's message says which.
+    A run that stops with an error keeps ``save_to`` if it holds a
+    ``last.pt`` to resume from, and otherwise leaves nothing there; the
+    error's message says which.
 
     Example:
         >>> from maml_func.config import make_config

@@ -107,7 +107,7 @@ def load_dataset(
 
     Example:
         >>> from maml_func import EpisodeSampler, load_dataset
-        >>> data = load_dataset("omniglot", root="data/omniglot", source="../shared/data/omniglot")  # doctest: +SKIP
+        >>> data = load_dataset("omniglot", root="data/omniglot", source="/path/to/omniglot_zips")  # doctest: +SKIP
         >>> sampler = EpisodeSampler(data["train"], n_way=5, k_shot=1, n_query=15, rotations=True)  # doctest: +SKIP
     """
     if not isinstance(dataset, (str, Path)):

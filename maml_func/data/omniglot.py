@@ -100,7 +100,7 @@ def download_omniglot(root: str | Path, *, source: str | Path | None = None) -> 
         ConnectionError: the download failed (offline?); pass ``source``.
 
     Example:
-        >>> root = download_omniglot("data/omniglot", source="../shared/data/omniglot")  # doctest: +SKIP
+        >>> root = download_omniglot("data/omniglot", source="/path/to/omniglot_zips")  # doctest: +SKIP
     """
     root = Path(root).expanduser()
     if source is not None:
@@ -152,7 +152,7 @@ def load_omniglot(
         ValueError: an archive fails its checksum, layout or counts.
 
     Example:
-        >>> omniglot = load_omniglot("data/omniglot", source="../shared/data/omniglot")  # doctest: +SKIP
+        >>> omniglot = load_omniglot("data/omniglot", source="/path/to/omniglot_zips")  # doctest: +SKIP
         >>> omniglot.images.shape  # doctest: +SKIP
         torch.Size([1623, 20, 1, 28, 28])
     """
