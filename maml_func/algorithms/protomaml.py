@@ -59,9 +59,9 @@ class ProtoMAML(MAML):
             is the embedding; ``None``: found as ANIL finds it
             (:func:`~maml_func.algorithms.pieces.head_name`: the submodule
             called ``head``, else the last one that owns parameters).
-        **options: :class:`~maml_func.algorithms.maml.MAML`'s, all of them
-            (``adapt_only`` too: ProtoMAML that adapts only the head).
 
+    Every other option is :class:`~maml_func.algorithms.maml.MAML`'s
+    (``adapt_only`` too: ProtoMAML that adapts only the head).
     The embedding forward reads the buffers the first inner step sees and
     leaves them as they are.
 
