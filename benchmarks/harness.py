@@ -255,5 +255,8 @@ def recipe_names(names: str, allowed: list[str], script: str) -> list[str]:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in allowed]
     if unknown or not wanted:
-        raise SystemExit(f"{script}: --algorithms {unknown or names!r}: choose from {allowed}")
+        elsewhere = [n for n in unknown if n in TRAIN_SHOTS]
+        why = (f" ({', '.join(elsewhere)}: trained on more shots than tested on, which fit does not do; "
+               "algorithms_omniglot.py runs it)" if elsewhere else "")
+        raise SystemExit(f"{script}: --algorithms {unknown or names!r}: choose from {allowed}{why}")
     return wanted

@@ -13,8 +13,9 @@ What is measured, per workload (by default Omniglot-shaped tasks and the Conv4
 of MAML; one meta-iteration = meta-loss, backward, Adam step), side by side and
 interleaved round by round in the same process:
 
-- ``vmap (default)``: ``maml_func.MAML`` with its default options; its
-  ``chunk_size="auto"`` resolves per device (the row shows to what).
+- ``policy (default)``: what ``fit`` runs by default: the execution policy
+  (``maml_func.execution``) times its candidates on the warm-up iterations,
+  then its choice is timed like every other row (the row shows the choice).
 - ``loop``: the same maths as a per-task Python loop with
   ``torch.autograd.grad(create_graph=True)``: ``maml_func.reference.loop_meta_loss``,
   written independently of the library's functional core (the way
@@ -22,6 +23,7 @@ interleaved round by round in the same process:
   network, same inner step size.
 - ``vmap chunk=N``: the vectorized path with an explicit ``chunk_size``
   (``all`` = the whole meta-batch in one ``vmap``).
+- ``loop (vectorize=False)``: the library's own per-task loop.
 - ``compiled``: ``torch.compile`` of the vectorized meta-loss over the whole
   meta-batch (backward through it); a failure is a row with its reason.
   Compiling takes minutes on a small CPU, so by default only CUDA runs get this
@@ -50,6 +52,9 @@ the machine.
 
 Output: a table, and with ``--json PATH`` one JSON object per line
 (``"kind"``: ``"setup"``, ``"row"``, ``"memory"``).
+
+Each row runs its tasks the way it names through ``harness.meta_loss``; the
+shared set-up, synthetic tasks and memory probe are ``harness``'s.
 """
 
 from __future__ import annotations
