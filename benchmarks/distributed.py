@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "omniglot"
+import harness
 
 
 def tasks_per_s(run_dir: Path) -> float:
@@ -53,8 +52,9 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=2, help="processes of the distributed run (default: 2)")
     p.add_argument("--iterations", type=int, default=200, help="meta-iterations per run (default: 200)")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
-    p.add_argument("--source", default=str(DEFAULT_SOURCE), help="offline Omniglot (default: ../shared/data/omniglot)")
-    p.add_argument("--data-root", default=str(REPO / "data"), help="Omniglot cache (default: data/)")
+    p.add_argument("--source", default=str(harness.SHARED_OMNIGLOT),
+                   help="offline Omniglot (default: ../shared/data/omniglot)")
+    p.add_argument("--data-root", default=str(harness.REPO / "data"), help="Omniglot cache (default: data/)")
     args = p.parse_args()
     if args.ranks < 2:
         p.error("--ranks must be >= 2")

@@ -47,14 +47,13 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import harness
+from harness import random_tasks, sync
 from maml_func import MAML, EpisodeSampler, TaskBatch, evaluate
 from maml_func.data import ImageClasses
 from maml_func.models import MODELS, build_model
 from maml_func.presets import PRESETS
 from maml_func.reference import loop_meta_grad, loop_meta_loss
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
 
 
 class Report:
@@ -76,11 +75,6 @@ class Report:
         if self.path:
             Path(self.path).write_text("".join(json.dumps(r) + "\n" for r in self.records))
             print(f"\nwrote {len(self.records)} JSON lines to {self.path}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
@@ -106,20 +100,6 @@ def peak_bytes(device: torch.device, fn: Callable[[], Any]) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
-def matmul_flops_per_s(device: torch.device, n: int) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / statistics.median(timed(lambda: a @ b, device, 5))
-
-
-def random_batch(tasks: int, n_way: int, k_shot: int, n_query: int, shape: tuple[int, ...], device: torch.device,
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(torch.rand(tasks, n_way * k_shot, *shape, generator=g, dtype=dtype),
-                     torch.arange(n_way).repeat_interleave(k_shot).expand(tasks, -1).clone(),
-                     torch.rand(tasks, n_way * n_query, *shape, generator=g, dtype=dtype),
-                     torch.arange(n_way).repeat_interleave(n_query).expand(tasks, -1).clone()).to(device)
-
-
 def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     diff = torch.cat([(x - y).double().flatten() for x, y in zip(a, b)])
     return (diff.norm() / torch.cat([y.double().flatten() for y in b]).norm()).item()
@@ -135,7 +115,7 @@ def correctness(report: Report, device: torch.device, quick: bool) -> bool:
             model = build_model("conv4", n_way=5, in_channels=1, image_size=size, hidden=hidden).to(device, dtype)
             maml = MAML(model, inner_lr=0.4 if steps == 1 else 0.1, inner_steps=steps)
             meta = maml.init()
-            batch = random_batch(4, 5, 1, 3, (1, size, size), device, dtype)
+            batch = random_tasks(4, 5, 1, 3, (1, size, size), device=device, dtype=dtype)
             got = torch.autograd.grad(maml.meta_loss(meta, batch)[0], list(meta["model"].values()))
             want = loop_meta_grad(model, meta["model"], batch, inner_lr=maml.inner_lr, steps=steps)
             error = rel(list(got), list(want))
@@ -173,8 +153,8 @@ def make_step(w: dict[str, Any], device: torch.device, kind: str, dtype: torch.d
     maml = MAML(model, inner_lr=w["inner_lr"], inner_steps=w["steps"], first_order=w["first_order"])
     meta = maml.init()
     opt = torch.optim.Adam(maml.parameters(meta), lr=1e-3)
-    batch = batch if batch is not None else random_batch(w["tasks"], w["n_way"], w["k_shot"], 15, w["shape"], device,
-                                                         dtype)
+    batch = batch if batch is not None else random_tasks(w["tasks"], w["n_way"], w["k_shot"], 15, w["shape"],
+                                                         device=device, dtype=dtype)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -293,7 +273,7 @@ def projection(report: Report, device: torch.device, quick: bool) -> None:
         w = dict(name=name, model="conv4", n_way=p["n_way"], k_shot=p["k_shot"], shape=(1, 28, 28),
                  hidden=8 if quick else 64, tasks=4 if quick else p["meta_batch"], steps=p["inner_steps"],
                  first_order=False, inner_lr=p["inner_lr"])
-        batch = random_batch(w["tasks"], w["n_way"], w["k_shot"], p["n_query"], w["shape"], device)
+        batch = random_tasks(w["tasks"], w["n_way"], w["k_shot"], p["n_query"], w["shape"], device=device)
         step, maml, meta, _ = make_step(w, device, "vmap", batch=batch)
         ms = 1e3 * statistics.median(timed(step, device, 2 if quick else 5))
         val_tasks = 8 if quick else 200
@@ -347,7 +327,7 @@ def cli(report: Report, device: torch.device, quick: bool, source: str | None) -
         }
         for name, command in runs.items():
             t0 = time.monotonic()
-            done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=harness.REPO)
             took = time.monotonic() - t0
             last = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[
                 0 if name == "eval" else -1]
@@ -378,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--quick", action="store_true", help="toy sizes: the same steps in about a minute on a CPU")
-    p.add_argument("--source", default=str(SHARED_OMNIGLOT) if SHARED_OMNIGLOT.exists() else None,
+    p.add_argument("--source", default=harness.shared_omniglot(),
                    help="offline Omniglot for the CLI section (default ../shared/data/omniglot when present; "
                         "without one a synthetic folder tree is used)")
     p.add_argument("--sections", default="correctness,speed,variants,projection,cli",
@@ -390,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("gpu_check.py: --device cuda but CUDA is not available here; pass --device cpu")
     report = Report(args.json)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    matmul = matmul_flops_per_s(device, 1024 if args.quick else 8192 if device.type == "cuda" else 2048)
+    matmul = harness.matmul_flops_per_s(device, 1024 if args.quick else None)
     report.section("setup")
     setup(report, device, args, matmul)
     ok = True

@@ -8,8 +8,8 @@ Usage::
     python benchmarks/memory.py --methods unroll,adjoint --steps 40 --meta-batch 32
     python benchmarks/memory.py --device cuda
 
-Workload: Omniglot 5-way 1-shot shapes (synthetic 1x28x28 images, 15 queries
-per class, as in ``benchmarks/throughput.py``), Conv4 with 64 filters,
+Workload: Omniglot 5-way 1-shot shapes (synthetic 1x28x28 images,
+``harness.random_tasks``, 15 queries per class, as in ``benchmarks/throughput.py``), Conv4 with 64 filters,
 float32, meta-batch T, second order. One meta-iteration is
 ``maml_func.meta_gradient`` (one backward over the meta-batch) and an Adam step.
 
@@ -43,14 +43,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (  # noqa: E402
-    Workload, _status_bytes, machine_setup, make_batches, print_setup, reset_peak_rss, run_json_subprocess,
-    set_allocator, write_json_lines,
-)
-
-from maml_func import MAML, Conv4, meta_gradient  # noqa: E402
-from maml_func.algorithms import IMAML  # noqa: E402
+import harness
+from harness import machine_setup, print_setup, run_json_subprocess, set_allocator, sync, write_json_lines
+from maml_func import MAML, Conv4
+from maml_func.algorithms import IMAML
 
 METHODS = ("unroll", "adjoint", "imaml")
 MAML_LR, IMAML_LR, LAM, CG_STEPS = 0.4, 0.1, 2.0, 5
@@ -71,8 +67,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    wl = Workload(5, 1, spec["n_query"], spec["meta_batch"], spec["steps"], False)
-    batch = make_batches(wl, 1, device, None, seed=0)[0]
+    batch = harness.random_tasks(spec["meta_batch"], 5, 1, spec["n_query"], (1, 28, 28), device=device)
     algo = build(spec["method"], Conv4(n_way=5, hidden=spec["hidden"]).to(device), spec["steps"],
                  spec.get("checkpoint_every"))
     meta = algo.init()
@@ -80,31 +75,16 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
 
     def iteration() -> None:
         opt.zero_grad(set_to_none=True)
-        meta_gradient(algo, meta, batch, 0)
+        harness.meta_gradient(algo, meta, batch, 0, chunk_size="auto")
         opt.step()
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        exact = reset_peak_rss()
-        base = _status_bytes("VmRSS")
-    iteration()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        memory: dict[str, Any] = {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base}
-    else:
-        peak = _status_bytes("VmHWM")
-        memory = {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base, "peak_since_start": not exact}
+    memory = harness.peak_memory(device, iteration)
     times = []
     for _ in range(spec["repeats"]):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         iteration()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return {**memory, "ms_median": statistics.median(times) * 1e3, "ms_min": min(times) * 1e3,
             "ms_max": max(times) * 1e3}

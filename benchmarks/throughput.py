@@ -13,8 +13,9 @@ What is measured, per workload (by default Omniglot-shaped tasks and the Conv4
 of MAML; one meta-iteration = meta-loss, backward, Adam step), side by side and
 interleaved round by round in the same process:
 
-- ``vmap (default)``: ``maml_func.MAML`` with its default options; its
-  ``chunk_size="auto"`` resolves per device (the row shows to what).
+- ``policy (default)``: what ``fit`` runs by default: the execution policy
+  (``maml_func.execution``) times its candidates on the warm-up iterations,
+  then its choice is timed like every other row (the row shows the choice).
 - ``loop``: the same maths as a per-task Python loop with
   ``torch.autograd.grad(create_graph=True)``: ``maml_func.reference.loop_meta_loss``,
   written independently of the library's functional core (the way
@@ -22,6 +23,7 @@ interleaved round by round in the same process:
   network, same inner step size.
 - ``vmap chunk=N``: the vectorized path with an explicit ``chunk_size``
   (``all`` = the whole meta-batch in one ``vmap``).
+- ``loop (vectorize=False)``: the library's own per-task loop.
 - ``compiled``: ``torch.compile`` of the vectorized meta-loss over the whole
   meta-batch (backward through it); a failure is a row with its reason.
   Compiling takes minutes on a small CPU, so by default only CUDA runs get this
@@ -50,6 +52,9 @@ the machine.
 
 Output: a table, and with ``--json PATH`` one JSON object per line
 (``"kind"``: ``"setup"``, ``"row"``, ``"memory"``).
+
+Each row runs its tasks the way it names through ``harness.meta_loss``; the
+shared set-up, synthetic tasks and memory probe are ``harness``'s.
 """
 
 from __future__ import annotations
@@ -58,15 +63,12 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,16 +76,14 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from maml_func import MAML, Conv4, TaskBatch, meta_gradient
-from maml_func.models import ResNet12
+import harness
+from harness import machine_setup, print_setup, run_json_subprocess, set_allocator, sync, write_json_lines
+from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size
 from maml_func.execution import ROUNDS, ExecutionPolicy, ways
+from maml_func.models import ResNet12
 from maml_func.reference import loop_meta_loss
-from maml_func.system import ENV as TUNE_MALLOC_ENV
-from maml_func.system import tune_malloc
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "omniglot"
 INNER_LR = 0.4
 
 
@@ -204,11 +204,10 @@ class Runner:
         torch.manual_seed(seed)
         self.wl, self.method, self.batches, self.device = wl, method, batches, device
         self.model = wl.build_model().to(device)
-        kwargs: dict[str, Any] = {} if method.chunk == "auto" else {"chunk_size": method.chunk}
-        if method.kind == "lib-loop":
-            kwargs = {"vectorize": False}
-        self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order,
-                         **kwargs)
+        self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order)
+        # How this row runs its tasks (harness.meta_loss); the policy's row chooses for itself.
+        self.way: dict[str, Any] = {"chunk_size": "auto" if method.kind == "lib-loop" else method.chunk,
+                                    "vectorize": method.kind != "lib-loop"}
         self.policy = ExecutionPolicy("auto") if method.kind == "policy" else None
         self.meta = self.maml.init()
         self.opt = torch.optim.Adam(self.maml.parameters(self.meta), lr=1e-3)
@@ -221,7 +220,7 @@ class Runner:
                                       first_order=wl.first_order)
         else:
             def loss_fn(b: TaskBatch) -> Tensor:
-                return self.maml.meta_loss(self.meta, b)[0]
+                return harness.meta_loss(self.maml, self.meta, b, **self.way)[0]
             if method.kind == "compiled":
                 loss_fn = torch.compile(loss_fn)
         self.loss_fn = loss_fn
@@ -232,7 +231,7 @@ class Runner:
             return str(self.policy.choice)
         if self.method.kind in ("loop", "lib-loop"):
             return "-"
-        chunk = self.maml.chunk_size
+        chunk = self.way["chunk_size"]
         if chunk == "auto":  # resolved per batch by the library's execution policy: the row shows its choice
             chunk = auto_chunk_size(self.batches[0])
         return "all" if chunk is None else str(chunk)
@@ -265,11 +264,6 @@ class Runner:
                 "search_cost_pct": 100 * extra / (1000 * chosen)}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -280,22 +274,6 @@ def count_flops(runner: Runner) -> int:
     return counter.get_total_flops()
 
 
-def matmul_flops_per_s(device: torch.device, repeats: int = 5) -> float:
-    """Dense fp32 matmul throughput on ``device``: the yardstick for utilization."""
-    n = 2048 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
-
-
 # ----------------------------------------------------------------------------- data
 def make_batches(wl: Workload, count: int, device: torch.device, sampler: Any, seed: int) -> list[TaskBatch]:
     """``count`` meta-batches of ``wl``: from the episode sampler, or synthetic of the same shapes."""
@@ -304,16 +282,8 @@ def make_batches(wl: Workload, count: int, device: torch.device, sampler: Any, s
         return [sampler.sample(wl.meta_batch, gen) for _ in range(count)]
     gen = torch.Generator().manual_seed(seed)
     shape = (wl.channels, wl.image_size, wl.image_size)
-    out = []
-    for _ in range(count):
-        t, s, q = wl.meta_batch, wl.n_way * wl.k_shot, wl.n_way * wl.n_query
-        out.append(TaskBatch(
-            torch.rand(t, s, *shape, generator=gen),
-            torch.arange(wl.n_way).repeat_interleave(wl.k_shot).expand(t, -1).clone(),
-            torch.rand(t, q, *shape, generator=gen),
-            torch.arange(wl.n_way).repeat_interleave(wl.n_query).expand(t, -1).clone(),
-        ).to(device))
-    return out
+    return [harness.random_tasks(wl.meta_batch, wl.n_way, wl.k_shot, wl.n_query, shape, device=device,
+                                 generator=gen) for _ in range(count)]
 
 
 def load_classes(args: argparse.Namespace, device: torch.device) -> tuple[Any, str]:
@@ -345,32 +315,6 @@ def make_sampler(classes: Any, wl: Workload) -> Any:
 
 
 # ----------------------------------------------------------------------------- memory
-def _status_bytes(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` (peak RSS) of this process, from ``/proc/self/status``."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Start a new RSS high-water mark here (Linux >= 4.0), so importing torch does not count."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def set_allocator(mode: str) -> bool:
-    """Before any row runs: ``"tuned"`` applies what maml_func does on the CPU to the whole process (every
-    row alike, the loop included); ``"glibc"`` turns the library's automatic tuning off. Returns whether tuned."""
-    if mode == "glibc":
-        os.environ[TUNE_MALLOC_ENV] = "0"
-        return False
-    return tune_malloc()
-
-
 def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """In this (fresh) process: peak memory of meta-iterations of one configuration."""
     device = torch.device(spec["device"])
@@ -382,28 +326,20 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     batches = make_batches(wl, 1, device, None, seed=0)
     runner = Runner(wl, method, batches, device)
     split = spec.get("split")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        exact = reset_peak_rss()
-        base = _status_bytes("VmRSS")
-    for _ in range(spec.get("iterations", 1)):
-        if split:
-            # The library's gradient accumulation: one backward per part of `split` tasks, so only that
-            # part's autograd graph is alive at a time.
-            runner.opt.zero_grad(set_to_none=True)
-            meta_gradient(runner.maml, runner.meta, batches[0], 0, tasks_per_backward=split)
-            runner.opt.step()
-        else:
-            runner.step()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base}
-    # Without a reset the high-water mark may be the import's, not the iteration's: say so.
-    peak = _status_bytes("VmHWM")
-    return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base, "peak_since_start": not exact}
+
+    def iterations() -> None:
+        for _ in range(spec.get("iterations", 1)):
+            if split:
+                # The library's gradient accumulation: one backward per part of `split` tasks, so only that
+                # part's autograd graph is alive at a time.
+                runner.opt.zero_grad(set_to_none=True)
+                harness.meta_gradient(runner.maml, runner.meta, batches[0], 0, tasks_per_backward=split,
+                                      **runner.way)
+                runner.opt.step()
+            else:
+                runner.step()
+
+    return harness.peak_memory(device, iterations)
 
 
 def memory_kind(row: dict[str, Any]) -> tuple[str, int | str | None]:
@@ -426,53 +362,6 @@ def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]
         return probe_memory(spec)
     return run_json_subprocess([sys.executable, str(Path(__file__).resolve()), "--probe-memory", json.dumps(spec)],
                                timeout=300)
-
-
-def run_json_subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
-    """Run ``cmd`` and parse the JSON object of its last output line; a failure is ``{"error": reason}``."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
-    except (subprocess.SubprocessError, json.JSONDecodeError, IndexError) as e:
-        stderr = (getattr(e, "stderr", "") or "").strip()
-        return {"error": f"{type(e).__name__}: {stderr.splitlines()[-1][:200] if stderr else e}"}
-
-
-def machine_setup(device: str, argv: list[str] | None) -> dict[str, Any]:
-    """The part of a benchmark's ``setup`` record that says when, how and on what it ran."""
-    return {
-        "kind": "setup",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def print_setup(title: str, setup: dict[str, Any], width: int) -> None:
-    print(title)
-    for k, v in setup.items():
-        if k != "kind":
-            print(f"  {k:<{width}} {v}")
-    print(flush=True)
-
-
-def write_json_lines(path_text: str | None, records: list[dict[str, Any]]) -> None:
-    """Write ``records`` as JSON lines to ``path_text`` (nothing when ``None``) and say so."""
-    if not path_text:
-        return
-    path = Path(path_text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, default=str) + "\n")
-    print(f"\nwrote {len(records)} JSON lines to {path}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -589,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("auto", "omniglot", "synthetic"), default="auto",
                    help="episodes from Omniglot (auto: when available) or synthetic tensors of the same shapes")
     p.add_argument("--data-root", default="data/omniglot", help="Omniglot archives / cache folder")
-    p.add_argument("--data-source", default=str(DEFAULT_SOURCE) if DEFAULT_SOURCE.exists() else None,
+    p.add_argument("--data-source", default=harness.shared_omniglot(),
                    help="offline folder with the two Omniglot zips (default ../shared/data/omniglot if present)")
     p.add_argument("--json", metavar="PATH", help="also write JSON lines to PATH")
     p.add_argument("--probe-memory", metavar="SPEC", help=argparse.SUPPRESS)  # internal: one memory probe
@@ -636,7 +525,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         classes, data_note = None, "synthetic tasks of the workloads' shapes (miniImageNet-shaped: no episodes to draw)"
     else:
         classes, data_note = load_classes(args, device)
-    matmul = matmul_flops_per_s(device)
+    matmul = harness.matmul_flops_per_s(device)
     setup = {
         **machine_setup(str(device), argv),
         "malloc": ("tuned (maml_func.system.tune_malloc)" if tuned else "glibc as it comes")
@@ -731,16 +620,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records = [setup, *rows, *curve]
     write_json_lines(args.json, records)
     return records
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
+import harness
 from maml_func import MAML, Conv4, TaskBatch
 
 
@@ -42,19 +44,13 @@ def users_conv4(n_way: int = 5, hidden: int = 64) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden * 2 * 2, n_way))
 
 
-def random_tasks(tasks: int, n_way: int, k_shot: int, n_query: int, channels: int, size: int) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-    labels = (lambda k: torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone())
-    return TaskBatch(torch.rand(tasks, n_way * k_shot, channels, size, size, generator=g), labels(k_shot),
-                     torch.rand(tasks, n_way * n_query, channels, size, size, generator=g), labels(n_query))
-
-
-def meta_gradient_step(algorithm: MAML, batch: TaskBatch) -> Callable[[], None]:
+def meta_gradient_step(algorithm: MAML, batch: TaskBatch, **way: Any) -> Callable[[], None]:
+    """One meta-gradient of ``batch``; ``way``: how the tasks run (``chunk_size``, ``vectorize``; default "auto")."""
     meta = algorithm.init()
     params = algorithm.parameters(meta)
 
     def step() -> None:
-        loss, _ = algorithm.meta_loss(meta, batch)
+        loss, _ = harness.meta_loss(algorithm, meta, batch, **way)
         torch.autograd.grad(loss, params)
 
     return step
@@ -83,18 +79,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}; "
           f"median of {rounds} rounds, seconds per meta-gradient")
     torch.manual_seed(0)
-    omniglot = random_tasks(8 if args.quick else 32, 5, 1, 15, 1, 28)
+    omniglot = harness.random_tasks(8 if args.quick else 32, 5, 1, 15, (1, 28, 28))
     conv = race({"built-in Conv4 (TaskBatchNorm)": meta_gradient_step(MAML(Conv4(), inner_lr=0.4), omniglot),
                  "user's Conv4 (nn.BatchNorm2d)": meta_gradient_step(MAML(users_conv4(), inner_lr=0.4), omniglot)},
                 rounds)
     figures = dict(conv)
     figures["user / built-in"] = conv["user's Conv4 (nn.BatchNorm2d)"] / conv["built-in Conv4 (TaskBatchNorm)"]
     if not args.skip_resnet18:
-        mini = random_tasks(4, 5, 1, 5, 3, 84)
-        net = torchvision.models.resnet18(num_classes=5)
-        r18 = race({"resnet18 84x84 vmap": meta_gradient_step(MAML(net, inner_lr=0.01, chunk_size=None), mini),
-                    "resnet18 84x84 loop": meta_gradient_step(MAML(net, inner_lr=0.01, vectorize=False), mini)},
-                   rounds)
+        mini = harness.random_tasks(4, 5, 1, 5, (3, 84, 84))
+        resnet18 = MAML(torchvision.models.resnet18(num_classes=5), inner_lr=0.01)
+        r18 = race({"resnet18 84x84 vmap": meta_gradient_step(resnet18, mini, chunk_size=None),
+                    "resnet18 84x84 loop": meta_gradient_step(resnet18, mini, vectorize=False)}, rounds)
         figures.update(r18)
         figures["resnet18 loop / vmap"] = r18["resnet18 84x84 loop"] / r18["resnet18 84x84 vmap"]
     for name, value in figures.items():

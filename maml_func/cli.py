@@ -139,6 +139,8 @@ def _build_parser() -> _Parser:
     train.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=True,
                        help="make glibc keep freed memory: faster on the CPU, same maths (default: on; off is "
                             "the same as MAML_FUNC_TUNE_MALLOC=0)")
+    train.add_argument("--tensorboard", metavar="DIR", help="also write the metrics.jsonl scalars as TensorBoard "
+                       "events to DIR (needs: pip install maml-func[tensorboard])")
 
     ev = _command(
         commands, "eval", "evaluate a checkpoint (or an untrained model) on held-out classes",
@@ -207,6 +209,7 @@ def _train(args: argparse.Namespace) -> int:
     from maml_func.config import make_config
     from maml_func.runs import check_buildable
     from maml_func.state import Checkpoint
+    from maml_func.tensorboard import TensorBoard
     from maml_func.train import check_run_directory
 
     prog = "maml-func train"
@@ -223,7 +226,8 @@ def _train(args: argparse.Namespace) -> int:
         config.check_paths()
         check_buildable(config, None, "fit")
         check_run_directory(config, resume)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+        board = [TensorBoard(args.tensorboard)] if getattr(args, "tensorboard", None) is not None else []
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as err:
         return _fail(prog, str(err))
 
     main = True
@@ -244,11 +248,11 @@ def _train(args: argparse.Namespace) -> int:
     else:  # also for the library's own automatic tuning, here and in any process this one starts
         os.environ[system.ENV] = "0"
     if not config.distributed:
-        return _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
+        return _fit_and_report(prog, config, resume, getattr(args, "progress", True), main, board)
     from maml_func.distributed import shutdown_distributed
 
     try:
-        code = _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
+        code = _fit_and_report(prog, config, resume, getattr(args, "progress", True), main, board)
     except BaseException:
         shutdown_distributed(synchronize=False)
         raise
@@ -274,7 +278,7 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
     os._exit(code)
 
 
-def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool) -> int:
+def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: bool, board: list[Any]) -> int:
     from maml_func.atomic import WriteError
     from maml_func.callbacks import Callback
     from maml_func.distributed import DistributedError
@@ -286,7 +290,7 @@ def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: b
             print(f"{prog}: {_describe(started)}", file=sys.stderr)
 
     try:
-        result = fit(config, callbacks=[Summary()], resume=resume, progress=progress)
+        result = fit(config, callbacks=[Summary(), *board], resume=resume, progress=progress)
     except TrainingInterrupted as stop:
         where = stop.checkpoint.parent if stop.checkpoint is not None else config.save_to
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "
@@ -301,6 +305,9 @@ def _fit_and_report(prog: str, config: Any, resume: Any, progress: bool, main: b
                      EXIT_FAILED)
     except (ValueError, FileNotFoundError) as err:
         return _fail(prog, str(err))
+    finally:
+        for callback in board:
+            callback.close()
 
     best = (f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at iteration {result.best_iteration}"
             if result.best_val_accuracy is not None else "no validation")

@@ -7,13 +7,14 @@ Correctness only; no timing is asserted (timings are the benchmark's job).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,13 +29,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("throughput_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
+def benchmarks() -> Iterator[Path]:
+    """``benchmarks/`` on ``sys.path`` for this module's tests, as it is for a script run from there."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(SCRIPT.parent))
+        yield SCRIPT.parent
+
+
+@pytest.fixture(scope="module")
+def bench(benchmarks: Path) -> ModuleType:
+    return importlib.import_module("throughput")
+
+
+@pytest.fixture(scope="module")
+def harness(benchmarks: Path) -> ModuleType:
+    return importlib.import_module("harness")
 
 
 def batch_of(tasks: int, n_way: int, queries: int, size: int = 28, dtype=torch.float64, seed: int = 0) -> TaskBatch:
@@ -52,7 +61,7 @@ def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return (num / torch.sqrt(sum((y**2).sum() for y in b))).item()
 
 
-def test_auto_chunk_size_on_cpu():
+def test_auto_chunk_size_on_cpu(harness):
     # Omniglot 5-way 1-shot, 15 queries: 80 images of 28x28 float32 per task -> 4 tasks per 1 MiB.
     assert auto_chunk_size(batch_of(32, 5, 15, dtype=torch.float32)) == 4
     # 20-way: 320 images per task, four times the bytes -> 2, never fewer than 2.
@@ -60,10 +69,11 @@ def test_auto_chunk_size_on_cpu():
     assert auto_chunk_size(batch_of(4, 5, 15, size=84, dtype=torch.float32)) == 2
     # Everything fits in one chunk: no chunking at all.
     assert auto_chunk_size(batch_of(4, 5, 15, dtype=torch.float32)) is None
+    maml, batch = MAML(Conv4()), batch_of(2, 5, 1, dtype=torch.float32)
     with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto'"):
-        MAML(Conv4(), chunk_size="big")
+        harness.meta_loss(maml, maml.init(), batch, chunk_size="big")
     with pytest.raises(ValueError, match="chunk_size"):
-        MAML(Conv4(), chunk_size=True)
+        harness.meta_loss(maml, maml.init(), batch, chunk_size=True)
 
 
 def test_task_layout_is_channels_last_for_the_grouped_convolution():
@@ -79,7 +89,7 @@ def test_task_layout_is_channels_last_for_the_grouped_convolution():
 
 @pytest.mark.parametrize("chunk_size", ["auto", None])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_loop_baseline_matches_library_chunked_and_whole(bench, first_order, chunk_size):
+def test_loop_baseline_matches_library_chunked_and_whole(bench, harness, first_order, chunk_size):
     """The benchmark's per-task loop (maml_func.reference) and the vmap path (auto chunks, one vmap): same loss,
     same meta-gradient."""
     assert bench.loop_meta_loss is loop_meta_loss
@@ -87,10 +97,10 @@ def test_loop_baseline_matches_library_chunked_and_whole(bench, first_order, chu
     model = Conv4(n_way=5, hidden=8).double()
     batch = batch_of(4, 5, 23)  # 120 float64 images per task: "auto" picks chunks of 2 here
     assert auto_chunk_size(batch) == 2
-    maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order, chunk_size=chunk_size)
+    maml = MAML(model, inner_lr=bench.INNER_LR, inner_steps=2, first_order=first_order)
     meta = maml.init()
     params = list(meta["model"].values())
-    loss = maml.meta_loss(meta, batch)[0]
+    loss = harness.meta_loss(maml, meta, batch, chunk_size=chunk_size)[0]
     grads = torch.autograd.grad(loss, params)
     ref_loss = loop_meta_loss(model, meta["model"], batch, inner_lr=bench.INNER_LR, steps=2, first_order=first_order)
     ref_grads = torch.autograd.grad(ref_loss, params)
