@@ -13,7 +13,7 @@ installed library.
 - **How the tasks of a meta-batch run** (``chunk_size``, ``vectorize``):
   :func:`meta_loss`, :func:`meta_gradient` and :func:`evaluate`. Every
   benchmark that chooses the way passes it through these three, and only they
-  know how the library takes it (:func:`_running`).
+  know how the library takes it (:func:`_way`).
 - **Recipes**: :data:`RECIPES`, the one table of per-algorithm Omniglot
   5-way 1-shot settings that ``algorithms_omniglot.py`` and
   ``time_to_accuracy.py`` both read (:func:`recipe_config`).
@@ -41,7 +41,8 @@ from maml_func import evaluate as _evaluate
 from maml_func import meta_gradient as _meta_gradient
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult
-from maml_func.execution import Way, _Memory, _resident_bytes  # the last two: the library's peak-memory measure
+from maml_func.batching import Way
+from maml_func.execution import PeakMemory, resident_bytes
 from maml_func.system import ENV as TUNE_MALLOC_ENV
 from maml_func.system import tune_malloc
 
@@ -159,7 +160,7 @@ def peak_memory(device: torch.device, fn: Callable[[], Any]) -> dict[str, Any]:
     where it cannot be, ``peak_since_start`` says the peak may be an earlier one.
     """
     sync(device)
-    memory = _Memory(device, _resident_bytes("VmRSS"))
+    memory = PeakMemory(device, resident_bytes("VmRSS"))
     base = memory.start()
     fn()
     sync(device)
@@ -167,7 +168,7 @@ def peak_memory(device: torch.device, fn: Callable[[], Any]) -> dict[str, Any]:
     if device.type == "cuda":
         return {"peak_bytes": base + rise, "rise_bytes": rise, "base_bytes": base}
     exact = rise is not None
-    peak = base + rise if exact else _resident_bytes("VmHWM")
+    peak = base + rise if exact else resident_bytes("VmHWM")
     return {"peak_bytes": peak, "rise_bytes": peak - base, "base_bytes": base, "peak_since_start": not exact}
 
 
@@ -186,29 +187,29 @@ def run_json_subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- how the tasks run
 # chunk_size: tasks per vmap call ("auto": the library's rule for the device, None: the whole meta-batch);
 # vectorize=False: a Python loop over the tasks. The same meta-gradient up to rounding every way.
-def _running(algorithm: Any, chunk_size: int | str | None, vectorize: bool) -> Any:
-    """``algorithm`` running its tasks this way: the only line that knows how the library takes the way."""
-    return Way(chunk_size, vectorize).apply(algorithm)
+def _way(chunk_size: int | str | None, vectorize: bool) -> Way:
+    """The library's :class:`~maml_func.batching.Way` for these settings (``way=`` of meta_loss and evaluate)."""
+    return Way(chunk_size, vectorize)
 
 
 def meta_loss(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
               chunk_size: int | str | None = "auto", vectorize: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """``algorithm.meta_loss(meta, batch, iteration)`` with the tasks run this way."""
-    return _running(algorithm, chunk_size, vectorize).meta_loss(meta, batch, iteration)
+    return algorithm.meta_loss(meta, batch, iteration, way=_way(chunk_size, vectorize))
 
 
 def meta_gradient(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
                   chunk_size: int | str | None = "auto", vectorize: bool = True,
                   tasks_per_backward: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`maml_func.meta_gradient` (fills ``.grad``) with the tasks run this way."""
-    return _meta_gradient(_running(algorithm, chunk_size, vectorize), meta, batch, iteration,
-                          tasks_per_backward=tasks_per_backward)
+    return _meta_gradient(algorithm, meta, batch, iteration, tasks_per_backward=tasks_per_backward,
+                          way=_way(chunk_size, vectorize))
 
 
 def evaluate(algorithm: Any, meta: dict[str, Any], sampler: Any, *, chunk_size: int | str | None = "auto",
              vectorize: bool = True, **options: Any) -> EvalResult:
     """:func:`maml_func.evaluate` (``options``: ``num_tasks``, ``steps``, ...) with the tasks run this way."""
-    return _evaluate(_running(algorithm, chunk_size, vectorize), meta, sampler, **options)
+    return _evaluate(algorithm, meta, sampler, way=_way(chunk_size, vectorize), **options)
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -23,7 +23,7 @@ interleaved round by round in the same process:
   network, same inner step size.
 - ``vmap chunk=N``: the vectorized path with an explicit ``chunk_size``
   (``all`` = the whole meta-batch in one ``vmap``).
-- ``loop (vectorize=False)``: the library's own per-task loop.
+- ``loop (way=LOOP)``: the library's own per-task loop.
 - ``compiled``: ``torch.compile`` of the vectorized meta-loss over the whole
   meta-batch (backward through it); a failure is a row with its reason.
   Compiling takes minutes on a small CPU, so by default only CUDA runs get this
@@ -186,7 +186,7 @@ class Method:
         if self.kind == "loop":
             return "loop (autograd.grad)"
         if self.kind == "lib-loop":
-            return "loop (vectorize=False)"
+            return "loop (way=LOOP)"
         if self.kind == "policy":
             return "policy (default)"
         if self.kind == "compiled":
@@ -241,7 +241,7 @@ class Runner:
         self.i += 1
         self.opt.zero_grad(set_to_none=True)
         if self.policy is not None:  # timed by the policy itself while it searches, as in fit
-            self.policy.run(self.maml, batch, self.device, lambda algo: algo.meta_loss(self.meta, batch)[0].backward())
+            self.policy.run(batch, self.device, lambda way: self.maml.meta_loss(self.meta, batch, way=way)[0].backward())
         else:
             self.loss_fn(batch).backward()
         self.opt.step()
@@ -347,7 +347,7 @@ def memory_kind(row: dict[str, Any]) -> tuple[str, int | str | None]:
     label, chunk = row["method"], row["chunk"]
     if label == "loop (autograd.grad)":
         return "loop", None
-    if label == "loop (vectorize=False)" or chunk == "loop":
+    if label == "loop (way=LOOP)" or chunk == "loop":
         return "lib-loop", None
     if label == "vmap chunk=auto":
         return "vmap", "auto"

@@ -56,7 +56,8 @@ from maml_func.batching import LOOP, VMAP, Way, check_chunk_size
 from maml_func.diagnosis import is_out_of_memory
 from maml_func.tasks import TaskBatch
 
-__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "default_cache_dir", "setup_key", "ways"]
+__all__ = ["EXECUTIONS", "ROUNDS", "ExecutionPolicy", "PeakMemory", "default_cache_dir", "resident_bytes", "setup_key",
+           "ways"]
 
 #: The execution policies: measure and choose, always one ``vmap`` (with ``chunk_size``), always the loop.
 EXECUTIONS = ("auto", "vmap", "loop")
@@ -87,7 +88,7 @@ def _available_mb(device: torch.device) -> float | None:
     return None
 
 
-def _resident_bytes(field: str) -> int:
+def resident_bytes(field: str) -> int:
     """A field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 where there is none (not Linux)."""
     try:
         with open("/proc/self/status") as status:
@@ -99,7 +100,7 @@ def _resident_bytes(field: str) -> int:
     return 0
 
 
-class _Memory:
+class PeakMemory:
     """The peak memory rise of one call: CUDA's peak allocation, or the CPU's peak resident set (Linux).
 
     On the CPU the rise is counted from ``baseline``, the resident set before
@@ -126,7 +127,7 @@ class _Memory:
     def rise(self, before: int) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - before
-        return _resident_bytes("VmHWM") - before if self.cpu else None
+        return resident_bytes("VmHWM") - before if self.cpu else None
 
 
 def _sync(device: torch.device) -> None:
@@ -220,8 +221,8 @@ class ExecutionPolicy:
         if not self.searching:
             return step(way)
         if self._baseline is None:
-            self._baseline = _resident_bytes("VmRSS") if device.type == "cpu" else 0
-        memory = _Memory(device, self._baseline)
+            self._baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
+        memory = PeakMemory(device, self._baseline)
         _sync(device)
         before, start = memory.start(), time.perf_counter()
         try:

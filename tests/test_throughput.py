@@ -139,11 +139,11 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
     rows = [r for r in lines if r["kind"] == "row"]
     by_method = {r["method"]: r for r in rows}
     assert set(by_method) == {"policy (default)", "loop (autograd.grad)", "vmap chunk=all", "vmap chunk=4",
-                              "loop (vectorize=False)"}
+                              "loop (way=LOOP)"}
     policy = by_method["policy (default)"]
     assert policy["chunk"] == policy["choice"] and set(policy["search"]) == {"vmap", "loop"}  # T = 2: no chunks
     assert policy["vs_best_candidate"] > 0 and policy["search_cost_pct"] >= 0
-    assert policy["best_candidate"] in ("vmap chunk=all", "vmap chunk=4", "loop (vectorize=False)")
+    assert policy["best_candidate"] in ("vmap chunk=all", "vmap chunk=4", "loop (way=LOOP)")
     assert by_method["loop (autograd.grad)"]["speedup_vs_loop"] == 1.0
     flops = {r["gflop"] for r in rows}
     assert len(flops) == 1 and flops.pop() > 0  # one count of the maths, shared by every row
@@ -162,13 +162,17 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("setting", [None, "0"])
-def test_the_vectorized_cpu_path_tunes_malloc_once_unless_told_not_to(setting):
-    """A fresh process: the first vectorized meta-loss on the CPU tunes glibc; MAML_FUNC_TUNE_MALLOC=0 keeps it as is."""
-    code = ("from maml_func import MAML, MLP, sample_sinusoid_tasks\n"
+def test_a_run_on_the_cpu_tunes_malloc_at_its_start_unless_told_not_to(setting):
+    """A fresh process: a vectorized meta-loss alone leaves glibc as it is (nothing process-wide from the hot path);
+    the device set-up of a run (what fit calls) tunes it; MAML_FUNC_TUNE_MALLOC=0 keeps it as is."""
+    code = ("import torch\n"
+            "from maml_func import MAML, MLP, sample_sinusoid_tasks\n"
+            "from maml_func.device import configure_device\n"
             "from maml_func.system import malloc_tuned\n"
-            "before = malloc_tuned()\n"
             "maml = MAML(MLP(), loss='mse')\n"
             "maml.meta_loss(maml.init(), sample_sinusoid_tasks(4))\n"
+            "before = malloc_tuned()\n"
+            "configure_device(torch.device('cpu'))\n"
             "print(before, malloc_tuned())\n")
     env = {k: v for k, v in os.environ.items() if k != "MAML_FUNC_TUNE_MALLOC"}
     if setting is not None:
