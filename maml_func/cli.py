@@ -40,7 +40,8 @@ def _fail(prog: str, message: str, status: int = EXIT_USAGE) -> int:
 
 
 def _default_run_dir(config: TrainConfig) -> str:
-    return str(Path("runs") / f"{config.dataset_name}-{config.n_way}w{config.k_shot}s-{config.algorithm}-seed{config.seed}")
+    name = f"{config.dataset_name}-{config.n_way}w{config.k_shot}s-{config.algorithm}-seed{config.seed}"
+    return str(Path("runs") / name)
 
 
 def _offline_hint(dataset: str) -> str:

@@ -262,9 +262,9 @@ class TrainConfig:
             ValueError: naming the missing path and what to pass instead.
         """
         if self.dataset not in DATASETS and not Path(self.dataset).expanduser().is_dir():
-            raise ValueError(f"TrainConfig: dataset {self.dataset!r} is neither a named dataset ({', '.join(DATASETS)}) "
-                             "nor an existing directory; pass one of them or the path of an ImageFolder tree (one "
-                             "sub-folder per class)")
+            raise ValueError(f"TrainConfig: dataset {self.dataset!r} is neither a named dataset "
+                             f"({', '.join(DATASETS)}) nor an existing directory; pass one of them or the path of an "
+                             "ImageFolder tree (one sub-folder per class)")
         if self.source is not None and not Path(self.source).expanduser().exists():
             held = SOURCE_FILES.get(self.dataset, "the dataset's release files (see maml_func.data)")
             if self.dataset == "omniglot":

@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = _command(
         commands, "eval", "evaluate a checkpoint (or an untrained model) on held-out classes",
-        f"The standard few-shot protocol: tasks from held-out classes ({NUM_TASKS} by default), mean query accuracy with a "
-        "95% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
+        f"The standard few-shot protocol: tasks from held-out classes ({NUM_TASKS} by default), mean query accuracy "
+        "with a 95% confidence interval after each inner step. Defaults to the checkpoint's config and its meta-test "
         "classes (a network named by import path is rebuilt from it; one given to fit(model=...) is evaluated from "
         "Python: evaluate_run(RUN, model=...)); without --checkpoint, evaluates a freshly initialized model (the "
         "baseline).",

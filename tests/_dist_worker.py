@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from maml_func import MAML, Conv4, TaskBatch
-from maml_func.train import meta_gradient
+from maml_func.step import meta_gradient
 
 TASKS, STEPS = 8, 3
 
