@@ -80,7 +80,7 @@ def load_run(checkpoint: str | Path | Checkpoint, *, device: str | torch.device 
     """Load a checkpoint (or a run directory's ``best.pt``, else ``last.pt``) for evaluation.
 
     Args:
-        checkpoint: a ``.pt`` file, a run directory, or a :class:`~maml_func.state.Checkpoint` already read.
+        checkpoint: a ``.pt`` file, a run directory, or a :class:`~maml_func.checkpoint.Checkpoint` already read.
         device: where the meta-parameters go.
         model: the network, for a run trained with ``fit(model=...)`` (the
             checkpoint holds its weights, not its code); default: the one the
@@ -121,7 +121,7 @@ def evaluate_run(
 
     Args:
         checkpoint: a checkpoint or run directory (its ``best.pt``, else ``last.pt``),
-            or a :class:`~maml_func.state.Checkpoint` already read; ``None``
+            or a :class:`~maml_func.checkpoint.Checkpoint` already read; ``None``
             evaluates a fresh initialization from ``config`` (seeded by
             ``config.seed``), the untrained baseline.
         config: the data, task shape and inner loop to evaluate with; defaults to
