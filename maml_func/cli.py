@@ -24,9 +24,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
+from maml_func import system, train
+from maml_func.algorithms import MAML
+from maml_func.atomic import WriteError, removed_on_failure
+from maml_func.callbacks import Callback
 from maml_func.checkpoint import Checkpoint
+from maml_func.components import check_buildable
 from maml_func.config import TrainConfig, make_config
+from maml_func.data import SOURCE_FILES, download_dataset
+from maml_func.distributed import DistributedError, init_distributed, shutdown_distributed
+from maml_func.loop import MetaStepFailed, RunWriteError, TrainingInterrupted
+from maml_func.models import MLP
 from maml_func.parser import EXIT_USAGE, build_parser, overrides, subparsers
+from maml_func.rundir import check_run_directory
+from maml_func.runs import evaluate_run
+from maml_func.sinusoid import sample_sinusoid_tasks
+from maml_func.step import MetaStepOutOfMemory, NonFiniteLossError
 
 __all__ = ["main"]
 
@@ -46,17 +61,12 @@ def _default_run_dir(config: TrainConfig) -> str:
 
 def _offline_hint(dataset: str) -> str:
     """What to do without internet, naming the files of ``dataset`` (a named data set, else Omniglot's)."""
-    from maml_func.data import SOURCE_FILES
-
     name = dataset if dataset in SOURCE_FILES else "omniglot"
     return (f"Offline? Pass --source DIR (a folder holding {SOURCE_FILES[name]}), or copy them once with: maml-func "
             f"download{'' if name == 'omniglot' else ' --dataset ' + name} --root DATA_ROOT --source DIR")
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from maml_func.components import check_buildable
-    from maml_func.rundir import check_run_directory
-
     prog = "maml-func train"
     flags = overrides(args)
     resume = None
@@ -76,25 +86,19 @@ def _train_command(args: argparse.Namespace) -> int:
 
     main = True
     if config.distributed:
-        from maml_func.distributed import DistributedError, init_distributed
-
-        timeout = getattr(args, "dist_timeout", 300.0)
+        timeout = args.dist_timeout
         if not timeout > 0:
             return _fail(prog, f"--dist-timeout must be > 0 seconds, got {timeout}")
         try:
             main = init_distributed(timeout=timeout).is_main
         except DistributedError as err:
             return _fail(prog, str(err))
-    from maml_func import system
-
-    if getattr(args, "tune_malloc", True):
+    if args.tune_malloc:
         system.tune_malloc()
     else:  # also for the library's own automatic tuning, here and in any process this one starts
         os.environ[system.ENV] = "0"
     if not config.distributed:
         return _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
-    from maml_func.distributed import shutdown_distributed
-
     try:
         code = _fit_and_report(prog, config, resume, getattr(args, "progress", True), main)
     except BaseException:
@@ -111,8 +115,6 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
     a finished process ("terminate called without an active exception"),
     which ``torchrun`` would report as a failed run.
     """
-    from maml_func.distributed import DistributedError, shutdown_distributed
-
     try:
         shutdown_distributed(synchronize=code == 0)
     except DistributedError as err:
@@ -123,19 +125,12 @@ def _exit_rank(prog: str, code: int) -> NoReturn:
 
 
 def _fit_and_report(prog: str, config: TrainConfig, resume: Checkpoint | None, progress: bool, main: bool) -> int:
-    from maml_func.atomic import WriteError
-    from maml_func.callbacks import Callback
-    from maml_func.distributed import DistributedError
-    from maml_func.loop import MetaStepFailed, RunWriteError, TrainingInterrupted
-    from maml_func.step import MetaStepOutOfMemory, NonFiniteLossError
-    from maml_func.train import fit
-
     class Summary(Callback):  # once everything that can be checked is: a refused run prints its error only
         def on_start(self, started: TrainConfig) -> None:
             print(f"{prog}: {_describe(started)}", file=sys.stderr)
 
     try:
-        result = fit(config, callbacks=[Summary()], resume=resume, progress=progress)
+        result = train.fit(config, callbacks=[Summary()], resume=resume, progress=progress)
     except TrainingInterrupted as stop:
         where = stop.checkpoint.parent if stop.checkpoint is not None else config.save_to
         print(f"{prog}: interrupted after iteration {stop.iteration}; checkpoint saved to {stop.checkpoint}. "
@@ -168,8 +163,6 @@ def _describe(config: TrainConfig) -> str:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
-    from maml_func.runs import evaluate_run
-
     prog = "maml-func eval"
     flags = overrides(args)
     checkpoint = None
@@ -200,9 +193,6 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def _download_command(args: argparse.Namespace) -> int:
-    from maml_func.atomic import WriteError, removed_on_failure
-    from maml_func.data import SOURCE_FILES, download_dataset
-
     prog = "maml-func download"
     if args.source is not None and not Path(args.source).expanduser().exists():
         return _fail(prog, f"--source {args.source!r} does not exist; pass the folder holding "
@@ -224,8 +214,6 @@ def _download_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    import torch
-
     if args.iterations < 1:
         return _fail("maml-func demo", f"--iterations must be >= 1, got {args.iterations}")
     threads = torch.get_num_threads()
@@ -242,10 +230,6 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def _sinusoid_demo(iterations: int, seed: int) -> tuple[list[float], list[float]]:
-    import torch
-
-    from maml_func import MAML, MLP, sample_sinusoid_tasks
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         maml = MAML(MLP(), inner_lr=0.01, inner_steps=1, loss="mse")  # the paper's sinusoid setting

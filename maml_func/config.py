@@ -407,11 +407,10 @@ def make_config(
         >>> make_config(preset="omniglot-20w1s", iterations=100).inner_steps
         5
     """
-    values: dict[str, Any] = {}
+    values = {f.name: default(f) for f in dataclasses.fields(TrainConfig)}
     if base is not None:
         values.update(base.to_dict() if isinstance(base, TrainConfig) else base)
-    fields = TrainConfig.__dataclass_fields__
-    inherited = values.get("dataset", default(fields["dataset"]))
+    inherited = values["dataset"]
     from_file = load_config_file(file) if file is not None else {}
     preset = preset if preset is not None else from_file.pop("preset", None)
     from_file.pop("preset", None)
@@ -419,13 +418,13 @@ def make_config(
         if preset not in PRESETS:
             raise ValueError(f"make_config: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    model = values.get("model", default(fields["model"]))
+    model = values["model"]
     values.update(from_file)
     values.update(overrides)
-    if values.get("dataset", default(fields["dataset"])) != inherited and "source" not in {**from_file, **overrides}:
+    if values["dataset"] != inherited and "source" not in {**from_file, **overrides}:
         # An offline copy inherited from ``base`` (a checkpoint's config) means nothing for the dataset that
         # replaces it: the dataset changed, so its source goes with it.
-        values.pop("source", None)
-    if values.get("model", default(fields["model"])) != model and "model_options" not in {**from_file, **overrides}:
-        values.pop("model_options", None)  # e.g. the miniImageNet preset's pool=True, which ResNet12 does not take
+        values["source"] = None
+    if values["model"] != model and "model_options" not in {**from_file, **overrides}:
+        values["model_options"] = {}  # e.g. the miniImageNet preset's pool=True, which ResNet12 does not take
     return TrainConfig.from_dict(values, origin="make_config")
