@@ -31,8 +31,8 @@ from typing import Any
 
 from maml_func import checks
 
-__all__ = ["GROUPS", "Check", "at_least", "default", "describe_default", "document", "nonempty", "one_of", "option",
-           "positive"]
+__all__ = ["GROUPS", "Check", "at_least", "default", "describe_default", "document", "flag_of", "nonempty", "one_of",
+           "option", "positive"]
 
 #: The groups of :class:`~maml_func.config.TrainConfig`'s fields, in the order the docs and ``--help`` show them.
 GROUPS = ("Data", "Tasks", "Model", "Algorithm", "Optimization", "Output")
