@@ -20,12 +20,14 @@ from maml_func.tasks import EpisodeSampler, TaskBatch
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult, evaluate
 from maml_func.batching import LOOP, VMAP, Way, map_tasks
-from maml_func.state import Checkpoint, TrainState
+from maml_func.checkpoint import Checkpoint
+from maml_func.state import TrainState
 from maml_func.step import meta_gradient, train_step
-from maml_func.train import TrainResult, evaluate_run, fit, load_run
+from maml_func.runs import TrainResult, evaluate_run, load_run
+from maml_func.train import fit
 from maml_func.callbacks import Callback
 
-__version__ = "0.1.0"
+from maml_func._version import __version__
 
 __all__ = [
     "ALGORITHMS",

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from maml_func.config import TrainConfig
+
 __all__ = ["Callback", "check_callbacks"]
 
 Record = dict[str, Any]
@@ -33,7 +35,7 @@ class Callback:
         >>> fit(config, callbacks=[losses])  # doctest: +SKIP
     """
 
-    def on_start(self, config: Any) -> None:
+    def on_start(self, config: TrainConfig) -> None:
         """The run starts: its :class:`~maml_func.config.TrainConfig` (``channels`` resolved) has passed every check
         that needs no training (config, checkpoint, run directory, data, model), and nothing is written yet. A
         refused run never gets here."""

@@ -2,11 +2,14 @@
 
 A run is described by one frozen dataclass, validated when it is made, so a bad
 value fails before any data is read or any file is written. Each field is
-declared once, with :func:`option`: its default, its help text, its group, its
-check and whether a resumed run may change it. The class docstring, the
-command line's flags with their help and defaults (:mod:`maml_func.cli`) and
-:data:`RESUMABLE_FIELDS` are all generated from those declarations, so a new
-option is one edit and the three cannot drift apart.
+declared once, with :func:`maml_func.fields.option`: its default, its help
+text, its group, its check and whether a resumed run may change it. The class
+docstring, the command line's flags with their help and defaults
+(:mod:`maml_func.parser`), :data:`RESUMABLE_FIELDS` and the defaults of
+:func:`make_config` are all read from those declarations; the choices of an
+option come from the module that acts on them (the datasets from
+:mod:`maml_func.data`, the algorithms from :mod:`maml_func.algorithms`, ...),
+so a new option or choice is one edit and nothing can drift apart.
 
 Values come, from lowest to highest precedence, from the dataclass defaults, a
 preset (:data:`~maml_func.presets.PRESETS`), a TOML or JSON config file, and
@@ -19,91 +22,35 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import textwrap
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from maml_func import checks
-from maml_func.options import IMPORT_FORM, import_object, is_import_path, parameters, returns, typed_options
+from maml_func.algorithms import ALGORITHMS
+from maml_func.algorithms.adjoint import BACKPROPS
+from maml_func.batching import check_chunk_size
+from maml_func.data import DATASETS, DOWNLOADABLE, SOURCE_FILES
+from maml_func.execution import EXECUTIONS
+from maml_func.fields import at_least, default, document, nonempty, one_of, option, positive
+from maml_func.models import MODELS
+from maml_func.normalization import BATCH_NORM_POLICIES
+from maml_func.options import IMPORT_FORM, is_import_path, network_factory, parameters, typed_options
 from maml_func.presets import PRESETS
 
-__all__ = ["GROUPS", "PRESETS", "RESUMABLE_FIELDS", "TrainConfig", "is_object_model", "load_config_file",
-           "make_config", "object_model_name", "option"]
+__all__ = ["MODEL_FIELDS", "RESUMABLE_FIELDS", "TrainConfig", "is_object_model", "load_config_file", "make_config",
+           "object_model_name"]
 
-#: The groups of :class:`TrainConfig`'s fields, in the order the docs and ``--help`` show them.
-GROUPS = ("Data", "Tasks", "Model", "Algorithm", "Optimization", "Output")
 _WHERE = "TrainConfig"
 _DTYPES = ("float32", "float64")
 _SCHEDULES = ("constant", "cosine")
-_BACKPROPS = ("unroll", "adjoint")
-_EXECUTIONS = ("auto", "vmap", "loop")  # maml_func.execution.EXECUTIONS, which imports torch
 _STEP_HINT = "; a step size is > 0 (e.g. inner_lr=0.4, meta_lr=0.001)"
-
-Check = Callable[[str, str, Any], Any]
-
-
-def option(default: Any = dataclasses.MISSING, help: str = "", *, group: str, check: Check | None = None,
-           resumable: bool = False, metavar: str | None = None, flag: str | None = None,
-           factory: Callable[[], Any] | None = None) -> Any:
-    """A :class:`TrainConfig` field with everything said about it in one place.
-
-    Args:
-        default: the default value (``factory`` for a mutable one).
-        help: one line for the docs and ``--help``; the default is appended there.
-        group: one of :data:`GROUPS`.
-        check: ``check(where, name, value)`` raises a ``ValueError`` that names
-            the field, the value and the fix (see :mod:`maml_func.checks`).
-        resumable: a resumed run may change it (it does not touch the trajectory).
-        metavar: the value's placeholder on the command line.
-        flag: the command-line flag, when it is not ``--`` and the name with ``-`` for ``_``.
-        factory: makes the default, for a mutable one (a dict).
-    """
-    assert group in GROUPS, group
-    metadata = {"help": help, "group": group, "check": check, "resumable": resumable, "metavar": metavar,
-                "flag": flag}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _int(minimum: int, hint: str = "", *, none_ok: bool = False) -> Check:
-    def check(where: str, name: str, value: Any) -> Any:
-        if none_ok and value is None:
-            return None
-        return checks.integer(where, name, value, minimum=minimum, hint=hint)
-    return check
-
-
-def _positive(hint: str = "", *, none_ok: bool = False, expect: str | None = None) -> Check:
-    def check(where: str, name: str, value: Any) -> Any:
-        return checks.number(where, name, value, positive=True, none_ok=none_ok, expect=expect, hint=hint)
-    return check
-
-
-def _one_of(options: tuple[Any, ...], expect: str | None = None) -> Check:
-    def check(where: str, name: str, value: Any) -> Any:
-        return checks.choice(where, name, value, options, expect=expect)
-    return check
-
-
-def _text(*, none_ok: bool = False) -> Check:
-    def check(where: str, name: str, value: Any) -> Any:
-        return checks.text(where, name, value, none_ok=none_ok,
-                           expect="a string (a path) or None" if none_ok else None)
-    return check
-
-
-def _named_datasets() -> tuple[str, ...]:
-    # Imported here: the config module stays importable without building anything.
-    from maml_func.data import DATASETS
-
-    return DATASETS
+_NO_URL = tuple(d for d in DATASETS if d not in DOWNLOADABLE)
 
 
 def _chunk_size(where: str, name: str, value: Any) -> Any:
-    return value if value in (None, "auto") else _int(1, "; or None (one vmap) or 'auto'")(where, name, value)
+    return check_chunk_size(where, value)
 
 
 def _device(where: str, name: str, value: Any) -> Any:
@@ -111,13 +58,6 @@ def _device(where: str, name: str, value: Any) -> Any:
     if not (value in ("auto", "cpu") or value.startswith(("cuda", "mps", "xpu"))):
         checks.fail(where, name, "'auto', 'cpu', 'cuda' or 'cuda:<index>'", value)
     return value
-
-
-def _batch_norm(where: str, name: str, value: Any) -> Any:
-    # Imported here: the config module stays importable without building anything.
-    from maml_func.normalization import BATCH_NORM_POLICIES
-
-    return checks.choice(where, name, value, BATCH_NORM_POLICIES, expect=" or ".join(map(repr, BATCH_NORM_POLICIES)))
 
 
 def object_model_name(model: Any) -> str:
@@ -137,9 +77,6 @@ def is_object_model(name: str) -> bool:
 
 
 def _model(where: str, name: str, value: Any) -> Any:
-    # Imported here: the config module stays importable without building anything.
-    from maml_func.models import MODELS
-
     checks.text(where, name, value)
     if value not in MODELS and not is_import_path(value) and not is_object_model(value):
         checks.fail(where, name, f"one of {sorted(MODELS)}", value,
@@ -154,6 +91,7 @@ def _table(where: str, name: str, value: Any) -> Any:
     return value
 
 
+@document
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a meta-training run. Frozen; checked on creation.
@@ -171,34 +109,33 @@ class TrainConfig:
         ValueError: TrainConfig: n_way must be an int >= 2, got 1; a task needs at least two classes
     """
 
-    dataset: str = option("omniglot", "'omniglot', another named benchmark (miniimagenet, tieredimagenet, cifarfs, "
-                          "fc100, cub: each with its standard split), or the path of an ImageFolder tree (one "
-                          "sub-folder of images per class), split by class into train/val/test", group="Data",
-                          check=_text(), metavar="NAME|PATH")
+    dataset: str = option("omniglot", f"a named benchmark ({', '.join(DATASETS)}: each with its standard split), "
+                          "or the path of an ImageFolder tree (one sub-folder of images per class), split by class "
+                          "into train/val/test", group="Data", check=nonempty(), metavar="NAME|PATH")
     data_root: str = option("data", "where the named datasets' archives and decoded caches live", group="Data",
-                            check=_text(), resumable=True, metavar="DIR")
+                            check=nonempty(), resumable=True, metavar="DIR")
     source: str | None = option(None, "an offline copy of a named dataset: a folder holding its release files (for "
                                 "Omniglot images_background.zip and images_evaluation.zip or their extracted "
                                 "trees; see maml_func.data for the others)", group="Data",
-                                check=_text(none_ok=True), resumable=True, metavar="DIR")
-    download: bool = option(True, "download a named dataset into data_root when it is not there (Omniglot, "
-                            "cifarfs, fc100, cub; miniimagenet and tieredimagenet have no public URL)", group="Data",
+                                check=nonempty(none_ok=True), resumable=True, metavar="DIR")
+    download: bool = option(True, f"download a named dataset into data_root when it is not there "
+                            f"({', '.join(DOWNLOADABLE)}; {' and '.join(_NO_URL)} have no public URL)", group="Data",
                             check=checks.flag, resumable=True)
     image_size: int = option(28, "resize images to image_size x image_size pixels", group="Data",
-                             check=_int(16, "; Conv4 halves the resolution four times"), metavar="PX")
+                             check=at_least(16, "; Conv4 halves the resolution four times"), metavar="PX")
     channels: int | None = option(None, "1 (grayscale) or 3 (RGB); none keeps the dataset's own", group="Data",
-                                  check=_one_of((1, 3, None), "1, 3 or None"), metavar="1|3")
+                                  check=one_of((1, 3, None), "1, 3 or None"), metavar="1|3")
     split: str = option("maml", "class split of Omniglot: maml (1200 train / 423 test characters) or lake",
-                        group="Data", check=_text(), metavar="NAME")
+                        group="Data", check=nonempty(), metavar="NAME")
     split_seed: int = option(0, "seed of the class split of an ImageFolder tree (apart from seed, so that runs "
-                             "with different seeds share a test set)", group="Data", check=_int(0), metavar="N")
+                             "with different seeds share a test set)", group="Data", check=at_least(0), metavar="N")
     skip_bad_files: bool = option(False, "ImageFolder trees: skip files that are not readable images (and empty "
                                   "class folders) with a warning, instead of stopping", group="Data",
                                   check=checks.flag)
-    n_way: int = option(5, "classes per task", group="Tasks", check=_int(2, "; a task needs at least two classes"),
+    n_way: int = option(5, "classes per task", group="Tasks", check=at_least(2, "; a task needs at least two classes"),
                         metavar="N")
-    k_shot: int = option(1, "support images per class", group="Tasks", check=_int(1), metavar="K")
-    n_query: int = option(5, "query images per class", group="Tasks", check=_int(1), metavar="Q")
+    k_shot: int = option(1, "support images per class", group="Tasks", check=at_least(1), metavar="K")
+    n_query: int = option(5, "query images per class", group="Tasks", check=at_least(1), metavar="Q")
     rotations: bool = option(False, "rotate each class of a task by a random multiple of 90 degrees",
                              group="Tasks", check=checks.flag)
     augment: bool = option(False, "augment the meta-training tasks' images on the device: random crop with "
@@ -215,9 +152,9 @@ class TrainConfig:
                                            "resnet12 take n_way, channels, image_size and hidden from their own "
                                            "flags", group="Model", check=_table, factory=dict,
                                            metavar="KEY=VALUE", flag="--model-option")
-    hidden: int = option(64, "filters per Conv4 block", group="Model", check=_int(1), metavar="C")
-    algorithm: str = option("maml", "a name of maml_func.ALGORITHMS: maml, fomaml, anil, metasgd, mamlpp, "
-                            "reptile or imaml", group="Algorithm", check=_text(), metavar="NAME")
+    hidden: int = option(64, "filters per Conv4 block", group="Model", check=at_least(1), metavar="C")
+    algorithm: str = option("maml", f"a name of maml_func.ALGORITHMS: {', '.join(ALGORITHMS)}", group="Algorithm",
+                            check=one_of(tuple(ALGORITHMS), f"one of {sorted(ALGORITHMS)}"), metavar="NAME")
     algorithm_options: dict[str, Any] = option(help="extra keyword arguments for maml_func.build, each read as "
                                                "the type of the parameter it sets (on the command line: "
                                                "--algorithm-option KEY=VALUE, repeatable), e.g. lam=1.0; "
@@ -230,16 +167,17 @@ class TrainConfig:
     backprop: str = option("unroll", "how the second-order meta-gradient is taken: unroll (autograd through the "
                            "inner loop) or adjoint (only the inner loop's parameters kept, each step recomputed in "
                            "the meta-backward: the memory of one inner step, whatever inner_steps)",
-                           group="Algorithm", check=_one_of(_BACKPROPS), metavar="unroll|adjoint")
+                           group="Algorithm", check=one_of(BACKPROPS), metavar="|".join(BACKPROPS))
     batch_norm: str = option("batch", "how BatchNorm layers normalize: batch (batch statistics at meta-train and "
                              "meta-test, the MAML convention), running (running statistics accumulated from the "
                              "meta-batch during meta-training, used in eval mode), per_step (MAML++: running "
-                             "statistics per inner step)", group="Algorithm", check=_batch_norm,
+                             "statistics per inner step)", group="Algorithm",
+                             check=one_of(BATCH_NORM_POLICIES, " or ".join(map(repr, BATCH_NORM_POLICIES))),
                              metavar="POLICY")
-    inner_lr: float = option(0.4, "inner SGD step size", group="Algorithm", check=_positive(_STEP_HINT),
+    inner_lr: float = option(0.4, "inner SGD step size", group="Algorithm", check=positive(_STEP_HINT),
                              metavar="LR")
-    inner_steps: int = option(1, "inner steps at meta-training", group="Algorithm", check=_int(0), metavar="S")
-    eval_inner_steps: int = option(3, "inner steps at validation and test", group="Algorithm", check=_int(0),
+    inner_steps: int = option(1, "inner steps at meta-training", group="Algorithm", check=at_least(0), metavar="S")
+    eval_inner_steps: int = option(3, "inner steps at validation and test", group="Algorithm", check=at_least(0),
                                    metavar="S")
     chunk_size: int | str | None = option("auto", "tasks per vmap chunk, bounds a chunk's temporaries; none: the "
                                           "whole meta-batch; auto: the whole meta-batch on a GPU, ~1 MiB of task "
@@ -249,36 +187,36 @@ class TrainConfig:
                                             "memory grows with it, not with the meta-batch; the same "
                                             "meta-gradient up to rounding (none: one backward)",
                                             group="Algorithm", resumable=True, metavar="N|none",
-                                            check=_int(1, "; or None (one backward over the meta-batch)",
+                                            check=at_least(1, "; or None (one backward over the meta-batch)",
                                                        none_ok=True))
     execution: str = option("auto", "how the tasks of a meta-batch run: auto (time one vmap, chunks of 2/4/8 and the "
                             "loop on the first iterations, keep the fastest), vmap (chunk_size applies) or loop",
-                            group="Algorithm", check=_one_of(_EXECUTIONS), resumable=True,
-                            metavar="auto|vmap|loop")
+                            group="Algorithm", check=one_of(EXECUTIONS), resumable=True,
+                            metavar="|".join(EXECUTIONS))
     max_memory_mb: float | None = option(None, "with execution auto: never choose a way whose memory rises by "
                                          "more than this many MiB (the loop stays allowed; none: no limit)",
                                          group="Algorithm", resumable=True, metavar="MB|none",
-                                         check=_positive(none_ok=True, expect="a positive number of MiB or None"))
-    meta_batch: int = option(32, "tasks per meta-update", group="Optimization", check=_int(1), metavar="T")
-    meta_lr: float = option(1e-3, "Adam step size", group="Optimization", check=_positive(_STEP_HINT),
+                                         check=positive(none_ok=True, expect="a positive number of MiB or None"))
+    meta_batch: int = option(32, "tasks per meta-update", group="Optimization", check=at_least(1), metavar="T")
+    meta_lr: float = option(1e-3, "Adam step size", group="Optimization", check=positive(_STEP_HINT),
                             metavar="LR")
     lr_schedule: str = option("constant", "constant, or cosine: half a cosine from meta_lr at iteration 0 down to "
                               "final_lr_factor * meta_lr at the last iteration (its iterations cannot change on "
-                              "resume)", group="Optimization", check=_one_of(_SCHEDULES), metavar="constant|cosine")
+                              "resume)", group="Optimization", check=one_of(_SCHEDULES), metavar="|".join(_SCHEDULES))
     final_lr_factor: float = option(0.05, "where the cosine schedule ends, as a fraction of meta_lr",
                                     group="Optimization", metavar="F",
                                     check=lambda w, n, v: checks.number(w, n, v, minimum=0, maximum=1))
     iterations: int = option(2000, "meta-updates in total (a resumed run continues up to it)",
-                             group="Optimization", check=_int(1), resumable=True, metavar="N")
+                             group="Optimization", check=at_least(1), resumable=True, metavar="N")
     max_minutes: float | None = option(None, "stop after this many minutes of wall time, validating the last "
                                        "iteration and saving a checkpoint to resume from", group="Optimization",
                                        resumable=True, metavar="MIN",
-                                       check=_positive(none_ok=True, expect="a positive number of minutes or None"))
+                                       check=positive(none_ok=True, expect="a positive number of minutes or None"))
     seed: int = option(0, "seeds the model initialization and the training tasks", group="Optimization",
-                       check=_int(0), metavar="N")
+                       check=at_least(0), metavar="N")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda, cuda:1, ...", group="Optimization",
                          check=_device, resumable=True, metavar="DEV")
-    dtype: str = option("float32", "float32 or float64", group="Optimization", check=_one_of(_DTYPES),
+    dtype: str = option("float32", " or ".join(_DTYPES), group="Optimization", check=one_of(_DTYPES),
                         metavar="T")
     distributed: bool = option(False, "data-parallel over the ranks of torch.distributed, launched with torchrun "
                                "(each rank adapts meta_batch / ranks tasks of its own stream)",
@@ -286,38 +224,33 @@ class TrainConfig:
     save_to: str | None = option(None, "the run directory (checkpoints, metrics.jsonl, learning_curve.png); none "
                                  "writes nothing, maml-func train then picks "
                                  "runs/<dataset>-<N>w<K>s-<algorithm>-seed<seed>", group="Output",
-                                 check=_text(none_ok=True), resumable=True, metavar="DIR")
+                                 check=nonempty(none_ok=True), resumable=True, metavar="DIR")
     val_every: int = option(500, "validate every this many iterations (0: only at the end)", group="Output",
-                            check=_int(0), resumable=True, metavar="N")
+                            check=at_least(0), resumable=True, metavar="N")
     val_tasks: int = option(200, "tasks per validation, from the held-out validation classes", group="Output",
-                            check=_int(1), resumable=True, metavar="N")
+                            check=at_least(1), resumable=True, metavar="N")
     save_every: int = option(100, "write last.pt every this many iterations (and at the end)", group="Output",
-                             check=_int(1), resumable=True, metavar="N")
+                             check=at_least(1), resumable=True, metavar="N")
     log_every: int = option(10, "write a line of training metrics every this many iterations", group="Output",
-                            check=_int(1), resumable=True, metavar="N")
+                            check=at_least(1), resumable=True, metavar="N")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check = f.metadata.get("check")
             if check is not None:
                 check(_WHERE, f.name, getattr(self, f.name))
-        named = _named_datasets()
-        if self.skip_bad_files and self.dataset in named:
+        if self.skip_bad_files and self.dataset in DATASETS:
             raise ValueError(f"TrainConfig: skip_bad_files applies to ImageFolder trees; {self.dataset}'s files are "
                              "checked by checksum or layout instead; drop skip_bad_files")
-        if self.source is not None and self.dataset not in named:
-            raise ValueError(f"TrainConfig: source applies to dataset='omniglot' only (or another named dataset: "
-                             f"{', '.join(named[1:])}; an offline copy of it), got source={self.source!r} with "
-                             f"dataset={self.dataset!r}; drop source")
-        # Imported here: the config module stays importable without building anything.
-        from maml_func.algorithms import ALGORITHMS
-
-        checks.choice(_WHERE, "algorithm", self.algorithm, ALGORITHMS, expect=f"one of {sorted(ALGORITHMS)}")
+        if self.source is not None and self.dataset not in DATASETS:
+            raise ValueError(f"TrainConfig: source applies to a named dataset only ({', '.join(DATASETS)}: an "
+                             f"offline copy of its files), got source={self.source!r} with dataset={self.dataset!r}; "
+                             "drop source")
         # Typed once, here, wherever they came from (flags, a file, Python): "False" for a bool is False.
         object.__setattr__(self, "model_options", _typed_model_options(self.model, self.model_options))
         object.__setattr__(self, "algorithm_options", typed_options(
             _WHERE, "algorithm_options", f"algorithm {self.algorithm!r}", ALGORITHMS[self.algorithm],
-            self.algorithm_options, skip=1, reserved={k: k for k in _ALGORITHM_FIELDS}, closed_by_return=True))
+            self.algorithm_options, skip=1, reserved={k: k for k in ALGORITHM_FIELDS}, closed_by_return=True))
 
     def check_paths(self) -> None:
         """Check that ``dataset`` (unless a named dataset) and ``source`` exist on this machine.
@@ -328,18 +261,20 @@ class TrainConfig:
         Raises:
             ValueError: naming the missing path and what to pass instead.
         """
-        named = _named_datasets()
-        if self.dataset not in named and not Path(self.dataset).expanduser().is_dir():
-            raise ValueError(f"TrainConfig: dataset {self.dataset!r} is neither 'omniglot' nor an existing "
-                             f"directory; pass a named dataset ({', '.join(named)}) or the path of an ImageFolder "
-                             "tree (one sub-folder per class)")
+        if self.dataset not in DATASETS and not Path(self.dataset).expanduser().is_dir():
+            raise ValueError(f"TrainConfig: dataset {self.dataset!r} is neither a named dataset "
+                             f"({', '.join(DATASETS)}) nor an existing directory; pass one of them or the path of an "
+                             "ImageFolder tree (one sub-folder per class)")
         if self.source is not None and not Path(self.source).expanduser().exists():
-            from maml_func.data import SOURCE_FILES
-
-            held = ("images_background.zip and images_evaluation.zip (or an extracted copy)"
-                    if self.dataset == "omniglot"
-                    else SOURCE_FILES.get(self.dataset, "the dataset's release files (see maml_func.data)"))
+            held = SOURCE_FILES.get(self.dataset, "the dataset's release files (see maml_func.data)")
+            if self.dataset == "omniglot":
+                held += " (or an extracted copy)"
             raise ValueError(f"TrainConfig: source {self.source!r} does not exist; pass the folder holding {held}")
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's short name, for titles and run directory names: a named one, else the tree's folder name."""
+        return self.dataset if self.dataset in DATASETS else Path(self.dataset).name or "dataset"
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (what checkpoints and ``metrics.jsonl`` store)."""
@@ -363,68 +298,25 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Keyword arguments that build_algorithm takes from the config's fields (the model's: option -> field).
-_MODEL_FIELDS = {"n_way": "n_way", "in_channels": "channels", "image_size": "image_size", "hidden": "hidden"}
-_ALGORITHM_FIELDS = ("inner_lr", "inner_steps", "first_order", "backprop", "batch_norm")
+#: A shipped network's keyword arguments that the config's own fields set (argument -> field); the rest of its
+#: arguments come from ``model_options`` (see :func:`maml_func.components.build_network`).
+MODEL_FIELDS = {"n_way": "n_way", "in_channels": "channels", "image_size": "image_size", "hidden": "hidden"}
+#: The algorithm options that the config's own fields set (``build_algorithm`` passes them; ``algorithm_options``
+#: may not).
+ALGORITHM_FIELDS = ("inner_lr", "inner_steps", "first_order", "backprop", "batch_norm")
 
 
 def _typed_model_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` typed by the signature of ``model``'s class or factory (see :mod:`maml_func.options`)."""
-    from maml_func.models import MODELS
-
     if is_object_model(model):  # the network was an object given to fit: nothing here builds it
         return dict(options)
     if model in MODELS:
         network = MODELS[model]
         accepted, _ = parameters(network)
-        reserved = {key: name for key, name in _MODEL_FIELDS.items() if key in accepted}
+        reserved = {key: name for key, name in MODEL_FIELDS.items() if key in accepted}
         return typed_options(_WHERE, "model_options", network.__name__, network, options, reserved=reserved)
-    return typed_options(_WHERE, "model_options", model, _network_factory(model), options)
+    return typed_options(_WHERE, "model_options", model, network_factory(model, _WHERE), options)
 
-
-def _network_factory(path: str) -> Callable[..., Any]:
-    """The factory an import path names, if it declares that it makes a network.
-
-    A checkpoint's config names code that ``maml-func eval`` and ``--resume``
-    run: only an ``nn.Module`` class, or a function annotated to return one,
-    is called, never any other function a crafted checkpoint could name.
-    """
-    from torch import nn
-
-    factory = import_object(path, _WHERE, "model")
-    made = returns(factory)
-    if not (isinstance(made, type) and issubclass(made, nn.Module)):
-        name = path.rpartition(":")[2].rpartition(".")[2]
-        raise ValueError(f"{_WHERE}: model {path!r} is neither an nn.Module class nor a function annotated to "
-                         f"return one; annotate the factory (def {name}(...) -> nn.Module): a config or checkpoint "
-                         "names the code that builds the network, so only a declared network factory is called")
-    return factory
-
-
-def describe_default(value: Any) -> str:
-    """A default as the docs and ``--help`` show it: ``on``/``off``, ``none``, ``0.001``, ``auto``."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if value is None:
-        return "none"
-    return "{}" if isinstance(value, dict) else str(value)
-
-
-def _document(cls: type) -> None:
-    """Write the field list, by group, into ``cls.__doc__`` (its ``{fields}`` placeholder)."""
-    lines: list[str] = []
-    for group in GROUPS:
-        lines.append(f"{group}:")
-        for f in dataclasses.fields(cls):
-            if f.metadata["group"] == group:
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                entry = f"{f.name}: {f.metadata['help']} (default: {describe_default(default)})."
-                lines.extend(textwrap.wrap(entry, 104, initial_indent="    ", subsequent_indent="        "))
-        lines.append("")
-    cls.__doc__ = (cls.__doc__ or "").replace("{fields}", "\n    ".join(lines).rstrip())
-
-
-_document(TrainConfig)
 
 #: Fields a resumed run may change: none of them touches the training trajectory
 #: (validation draws from its own generator, saving and logging read nothing random).
@@ -516,10 +408,10 @@ def make_config(
         >>> make_config(preset="omniglot-20w1s", iterations=100).inner_steps
         5
     """
-    values: dict[str, Any] = {}
+    values = {f.name: default(f) for f in dataclasses.fields(TrainConfig)}
     if base is not None:
         values.update(base.to_dict() if isinstance(base, TrainConfig) else base)
-    inherited = values.get("dataset", "omniglot")
+    inherited = values["dataset"]
     from_file = load_config_file(file) if file is not None else {}
     preset = preset if preset is not None else from_file.pop("preset", None)
     from_file.pop("preset", None)
@@ -527,13 +419,13 @@ def make_config(
         if preset not in PRESETS:
             raise ValueError(f"make_config: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    model = values.get("model", "conv4")
+    model = values["model"]
     values.update(from_file)
     values.update(overrides)
-    if values.get("dataset", "omniglot") != inherited and "source" not in {**from_file, **overrides}:
+    if values["dataset"] != inherited and "source" not in {**from_file, **overrides}:
         # An offline copy inherited from ``base`` (a checkpoint's config) means nothing for the dataset that
         # replaces it: the dataset changed, so its source goes with it.
-        values.pop("source", None)
-    if values.get("model", "conv4") != model and "model_options" not in {**from_file, **overrides}:
-        values.pop("model_options", None)  # e.g. the miniImageNet preset's pool=True, which ResNet12 does not take
+        values["source"] = None
+    if values["model"] != model and "model_options" not in {**from_file, **overrides}:
+        values["model_options"] = {}  # e.g. the miniImageNet preset's pool=True, which ResNet12 does not take
     return TrainConfig.from_dict(values, origin="make_config")

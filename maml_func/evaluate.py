@@ -34,8 +34,10 @@ from maml_func.tasks import TaskBatch
 if TYPE_CHECKING:  # a type only, so that importing this module never imports the algorithms package
     from maml_func.algorithms.base import Algorithm
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["BATCH_SIZE", "NUM_TASKS", "EvalResult", "evaluate"]
 
+#: The protocol's defaults: tasks averaged over (600, as in Finn et al. 2017), and tasks adapted together.
+NUM_TASKS, BATCH_SIZE = 600, 50
 # 1.96: the two-sided 95% quantile of the normal distribution.
 _Z95 = 1.96
 
@@ -103,9 +105,9 @@ def evaluate(
     meta: MetaParams,
     sampler: _Sampler,
     *,
-    num_tasks: int = 600,
+    num_tasks: int = NUM_TASKS,
     steps: int | None = None,
-    batch_size: int = 50,
+    batch_size: int = BATCH_SIZE,
     seed: int = 0,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -124,7 +126,7 @@ def evaluate(
         meta: its meta-parameters.
         sampler: gives tasks, e.g. :class:`~maml_func.tasks.EpisodeSampler` over
             held-out classes; ``sampler.sample(T, generator) -> TaskBatch``.
-        num_tasks: tasks to average over (600 in the standard protocol).
+        num_tasks: tasks to average over (:data:`NUM_TASKS` in the standard protocol).
         steps: inner steps ``S`` (default: ``algorithm.inner_steps``); the
             accuracy after each of ``0..S`` is reported.
         batch_size: tasks sampled and adapted together (memory vs. speed).

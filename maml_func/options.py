@@ -34,9 +34,12 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch import nn
+
 from maml_func import checks
 
-__all__ = ["IMPORT_FORM", "import_object", "is_import_path", "literal", "parameters", "returns", "typed_options"]
+__all__ = ["IMPORT_FORM", "import_object", "is_import_path", "literal", "network_factory", "parameters", "returns",
+           "typed_options"]
 
 #: The form of an import path, as the errors show it.
 IMPORT_FORM = "package.module:factory (e.g. torchvision.models:resnet18)"
@@ -89,6 +92,26 @@ def import_object(path: str, where: str, name: str) -> Callable[..., Any]:
         raise ValueError(f"{where}: {name} {path!r} is a {type(target).__name__}, not a function or class; name a "
                          "callable that returns the network")
     return target
+
+
+def network_factory(path: str, where: str) -> Callable[..., Any]:
+    """The factory an import path names, if it declares that it makes a network.
+
+    A checkpoint's config names code that ``maml-func eval`` and ``--resume``
+    run: only an ``nn.Module`` class, or a function annotated to return one,
+    is called, never any other function a crafted checkpoint could name.
+
+    Raises:
+        ValueError: as :func:`import_object`, or the factory declares no ``nn.Module``.
+    """
+    factory = import_object(path, where, "model")
+    made = returns(factory)
+    if not (isinstance(made, type) and issubclass(made, nn.Module)):
+        name = path.rpartition(":")[2].rpartition(".")[2]
+        raise ValueError(f"{where}: model {path!r} is neither an nn.Module class nor a function annotated to "
+                         f"return one; annotate the factory (def {name}(...) -> nn.Module): a config or checkpoint "
+                         "names the code that builds the network, so only a declared network factory is called")
+    return factory
 
 
 def literal(text: str) -> Any:

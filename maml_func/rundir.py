@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from maml_func.atomic import WriteError, atomic_write, remove_stale_temporaries, removed_on_failure
-from maml_func.checkpoint import save_checkpoint
+from maml_func.checkpoint import BEST, LAST, Checkpoint, save_checkpoint
 
-__all__ = ["BEST", "CONFIG", "CURVE", "LAST", "LOCK", "METRICS", "RunDirectory", "RunDirectoryLocked",
-           "check_unlocked", "checkpoint_path", "claimed", "plot_learning_curve", "read_history"]
+__all__ = ["CONFIG", "CURVE", "LOCK", "METRICS", "RunDirectory", "RunDirectoryLocked", "check_creatable",
+           "check_run_directory", "check_unlocked", "claimed", "plot_learning_curve", "read_history"]
 
-LAST, BEST, METRICS, CURVE, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "learning_curve.png", "config.json"
-LOCK = ".lock"
+# The run directory's files besides its checkpoints (maml_func.checkpoint.LAST and BEST).
+METRICS, CURVE, CONFIG, LOCK = "metrics.jsonl", "learning_curve.png", "config.json", ".lock"
 
 try:
     import fcntl
@@ -132,18 +132,6 @@ def claimed(run_dir: Path | None, where: str) -> Iterator[None]:
 Record = dict[str, Any]
 
 
-def checkpoint_path(path: str | Path, *, prefer_best: bool = False) -> Path:
-    """The checkpoint file ``path`` names: the file itself, or one inside a run directory.
-
-    In a run directory: ``last.pt`` (what resuming needs), or with
-    ``prefer_best`` ``best.pt`` when validation wrote one (what evaluation wants).
-    """
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        return path
-    return path / BEST if prefer_best and (path / BEST).exists() else path / LAST
-
-
 def check_creatable(run_dir: Path, where: str) -> None:
     """Fail early, before any data is read, if ``run_dir`` cannot be a run directory; create nothing.
 
@@ -162,6 +150,24 @@ def check_creatable(run_dir: Path, where: str) -> None:
     except OSError as err:
         raise ValueError(f"{where}: cannot create the run directory {str(run_dir)!r}: {str(existing)!r} is not "
                          f"writable ({err.strerror}); choose a save_to in a folder you can write to") from None
+
+
+def check_run_directory(save_to: str | Path | None, resume: Checkpoint | None, where: str) -> None:
+    """Refuse a ``save_to`` that cannot hold a run, before anything is loaded or written; create nothing.
+
+    Raises:
+        ValueError: ``save_to`` is a file or not writable, or it already holds
+            another run's checkpoint (and ``resume`` is not from it);
+            :class:`RunDirectoryLocked`: a live run holds it.
+    """
+    if save_to is None:
+        return
+    run_dir = Path(save_to).expanduser()
+    check_creatable(run_dir, where)
+    check_unlocked(run_dir, where)
+    if (run_dir / LAST).exists() and not (resume is not None and resume.path.parent.resolve() == run_dir.resolve()):
+        raise ValueError(f"{where}: run directory {str(run_dir)!r} already holds a checkpoint; resume it "
+                         f"(fit(..., resume={str(run_dir)!r}) / --resume) or choose another save_to")
 
 
 def read_history(run_dir: Path, up_to: int) -> list[Record]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from maml_func import MAML, Conv4, TaskBatch
-from maml_func.train import meta_gradient
+from maml_func.step import meta_gradient
 
 TASKS, STEPS = 8, 3
 
@@ -68,21 +68,17 @@ def main() -> None:
         return
     config = TrainConfig.from_dict(json.loads(sys.argv[3]))
 
-    from maml_func import step
-
-    real_step = step.train_step
+    from maml_func.step import train_step
 
     def failing(state, batch, algorithm, **kwargs):
         if me.rank == 1 and state.iteration == 2:
             if mode == "crash":
                 raise RuntimeError("rank 1 fails on purpose")
             time.sleep(600)  # alive but silent: only the process group's timeout can end the wait
-        return real_step(state, batch, algorithm, **kwargs)
+        return train_step(state, batch, algorithm, **kwargs)
 
-    if mode in ("crash", "hang"):
-        step.train_step = failing
     resume = sys.argv[4] if len(sys.argv) > 4 else None
-    result = fit(config, resume=resume, progress=False)
+    result = fit(config, resume=resume, progress=False, step=failing if mode in ("crash", "hang") else train_step)
     torch.save({"meta": result.meta["model"], "best": result.best_val_accuracy, "iteration": result.iteration,
                 "history": [r for r in result.history]}, out / f"rank{me.rank}.pt")
 

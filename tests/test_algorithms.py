@@ -105,7 +105,7 @@ def test_vmap_equals_per_task_loop_float64(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_one_backward_per_part_gives_the_meta_gradient_of_the_whole_batch(name):
     """meta_gradient(tasks_per_backward=2) on 3 tasks (parts of 2 and 1) equals one backward, float64."""
-    from maml_func.train import meta_gradient
+    from maml_func.step import meta_gradient
 
     algo = build(name, _conv(), **EQUALITY_OPTIONS[name])
     meta, batch = algo.init(), _image_batch()

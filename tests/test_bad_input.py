@@ -110,7 +110,7 @@ def test_eval_on_a_folder_drops_the_source_of_an_omniglot_run(folder: Path, tmp_
     base = {**state["config"], "save_to": None}
     assert make_config(base=base, dataset=str(folder)).source is None
     assert make_config(base=base).source == str(tmp_path)  # same dataset: the source stays
-    with pytest.raises(ValueError, match="source applies to dataset='omniglot' only"):
+    with pytest.raises(ValueError, match="source applies to a named dataset only"):
         make_config(base=base, dataset=str(folder), source=str(tmp_path))  # said explicitly: still refused
     code, _, err = run(["eval", "--checkpoint", str(run_dir), "--source", "", "--dataset", str(folder),
                         "--tasks", "4", "--no-progress"], capsys)

@@ -15,7 +15,7 @@ from _user_models import small_cnn
 from maml_func import Callback, fit
 from maml_func.checkpoint import load_checkpoint
 from maml_func.config import make_config
-from maml_func.train import evaluate_run, load_run
+from maml_func.runs import evaluate_run, load_run
 from test_cli import noise_folder, run
 
 
@@ -139,7 +139,7 @@ def test_the_output_check_leaves_the_network_as_it_was(folder: Path) -> None:
     network = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),
                             nn.Linear(4 * 14 * 14, 3))
     before = {k: v.clone() for k, v in network.state_dict().items()}
-    from maml_func.runs import check_outputs, load_splits, task_sampler
+    from maml_func.components import check_outputs, load_splits, task_sampler
 
     config = tiny(folder, None)
     sampler = task_sampler(config, load_splits(config), "train", torch.device("cpu"), "test")

@@ -17,7 +17,8 @@ import torch
 import maml_func
 from maml_func.checkpoint import load_checkpoint
 from maml_func.cli import main
-from maml_func.config import TrainConfig, describe_default
+from maml_func.config import TrainConfig
+from maml_func.fields import describe_default
 
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 SUMMARY = re.compile(r"^\d+-way \d+-shot: \d+\.\d% ± \d+\.\d \(\d+ tasks, \d+ steps\)$")
@@ -107,7 +108,8 @@ BAD_TRAIN = {
     "zero meta step size": (["--meta-lr", "0"], "meta_lr must be a positive number"),
     "n_way < 2": (["--n-way", "1"], "n_way must be an int >= 2, got 1"),
     "not a number": (["--n-way", "five"], "argument --n-way: invalid int value: 'five'"),
-    "unknown dataset": (["--dataset", "imagenet"], "dataset 'imagenet' is neither 'omniglot' nor an existing"),
+    "unknown dataset": (["--dataset", "imagenet"], "dataset 'imagenet' is neither a named dataset (omniglot, "
+                        "miniimagenet, tieredimagenet, cifarfs, fc100, cub) nor an existing"),
     "missing path": (["--dataset", "/no/such/tree"], "dataset '/no/such/tree' is neither"),
     "unknown preset": (["--preset", "omniglot-1w1s"], "argument --preset: invalid choice: 'omniglot-1w1s'"),
     "unknown flag": (["--n-ways", "5"], "unrecognized arguments: --n-ways 5"),
@@ -182,7 +184,7 @@ def test_train_then_eval(folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_each_command_reads_its_checkpoint_once(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import maml_func.state
+    import maml_func.checkpoint
 
     run_dir = tmp_path / "run"
     assert run(["train", *tiny_flags(folder, tmp_path), "--iterations", "2", "--val-every", "0",
@@ -193,7 +195,7 @@ def test_each_command_reads_its_checkpoint_once(folder: Path, tmp_path: Path, ca
         reads.append(Path(path))
         return load_checkpoint(path, **kwargs)
 
-    monkeypatch.setattr(maml_func.state, "load_checkpoint", counting)
+    monkeypatch.setattr(maml_func.checkpoint, "load_checkpoint", counting)
     code, _, err = run(["train", "--resume", str(run_dir), "--iterations", "3", "--no-progress"], capsys)
     assert code == 0, err
     assert reads == [run_dir / "last.pt"]
@@ -224,7 +226,7 @@ def test_offline_omniglot_says_what_to_do(tmp_path: Path, capsys: pytest.Capture
     def offline(*args, **kwargs):
         raise ConnectionError("download_omniglot: could not download https://... (Name or service not known)")
 
-    monkeypatch.setattr("maml_func.runs.load_dataset", offline)
+    monkeypatch.setattr("maml_func.components.load_dataset", offline)
     monkeypatch.setattr("maml_func.data.download_omniglot", offline)
     code, _, err = run(["train", "--preset", "omniglot-5w1s", "--data-root", str(tmp_path / "data"),
                         "--save-to", str(tmp_path / "run"), "--device", "cpu"], capsys)

@@ -494,7 +494,7 @@ def test_offline_hints_name_the_files_of_the_dataset_in_use(tmp_path: Path, caps
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("download_cub: could not download https://... (no network)")
 
-    monkeypatch.setattr("maml_func.runs.load_dataset", offline)
+    monkeypatch.setattr("maml_func.components.load_dataset", offline)
     code, _, err = run(["train", "--preset", "cub-5w1s", "--data-root", str(tmp_path / "data"), "--save-to",
                         str(tmp_path / "run"), "--device", "cpu", "--no-progress"], capsys)
     assert code == 1 and err.rstrip().endswith(_offline_hint("cub")) and not (tmp_path / "run").exists()

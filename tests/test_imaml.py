@@ -95,7 +95,7 @@ def test_conjugate_gradient_solves_a_positive_definite_system():
 
 def test_registered_and_reachable_from_a_config():
     from maml_func.config import TrainConfig
-    from maml_func.runs import build_algorithm
+    from maml_func.components import build_algorithm
 
     config = TrainConfig(algorithm="imaml", algorithm_options={"lam": 0.5, "cg_steps": 3}, inner_steps=4,
                          hidden=8, image_size=28)

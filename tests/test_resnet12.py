@@ -14,7 +14,7 @@ from maml_func.data import ImageClasses
 from maml_func.evaluate import evaluate
 from maml_func.models import DropBlock, ResNet12, build_model
 from maml_func.reference import loop_meta_grad
-from maml_func.runs import build_algorithm
+from maml_func.components import build_algorithm
 from maml_func.tasks import EpisodeSampler, TaskBatch, crop_and_flip
 
 WIDTHS = (4, 6, 8, 8)

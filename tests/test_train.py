@@ -18,20 +18,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from maml_func import step as step_module
-from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
-from maml_func.train import (
-    MetaStepFailed,
-    MetaStepOutOfMemory,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    evaluate_run,
-    fit,
-    load_run,
-    meta_gradient,
-    meta_lr_at,
-    train_step,
-)
+from maml_func.atomic import remove_stale_temporaries
+from maml_func.checkpoint import load_checkpoint, save_checkpoint
+from maml_func.config import TrainConfig, load_config_file, make_config
+from maml_func.loop import MetaStepFailed, TrainingInterrupted
+from maml_func.presets import PRESETS
+from maml_func.runs import evaluate_run, load_run
+from maml_func.step import MetaStepOutOfMemory, NonFiniteLossError, meta_gradient, meta_lr_at, train_step
+from maml_func.train import fit
 
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +148,7 @@ def test_config_rejects_unknown_keys_with_a_suggestion(tmp_path: Path) -> None:
         ({"algorithm": "protonet"}, "algorithm must be one of"),
         ({"algorithm_options": {"inner_lr": 1.0}}, "are fields of the config"),
         ({"rotations": "yes"}, "rotations must be true or false"),
-        ({"dataset": "/no/such/folder", "source": "/tmp"}, "source applies to dataset='omniglot' only"),
+        ({"dataset": "/no/such/folder", "source": "/tmp"}, "source applies to a named dataset only"),
     ],
 )
 def test_config_errors_name_field_value_and_fix(changes: dict, message: str) -> None:
@@ -163,7 +157,7 @@ def test_config_errors_name_field_value_and_fix(changes: dict, message: str) -> 
 
 
 def test_check_paths_names_missing_dataset_and_source(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="neither 'omniglot' nor an existing directory"):
+    with pytest.raises(ValueError, match="neither a named dataset .* nor an existing directory"):
         TrainConfig(dataset=str(tmp_path / "nope")).check_paths()
     with pytest.raises(ValueError, match="source .* does not exist"):
         TrainConfig(source=str(tmp_path / "nope")).check_paths()
@@ -205,23 +199,20 @@ def test_resume_after_a_stop_is_bitwise_exact(glyphs: Path, tmp_path: Path, refe
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_b)
 
 
-def interrupt_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
-    """SIGINT arrives in the middle of the train_step of ``iteration`` (0-based)."""
+def interrupting_at(iteration: int):
+    """A step for ``fit(step=...)``: SIGINT arrives in the middle of the train_step of ``iteration`` (0-based)."""
     def interrupting(state, batch, algorithm, **kwargs):
         if state.iteration == iteration:
             os.kill(os.getpid(), signal.SIGINT)
         return train_step(state, batch, algorithm, **kwargs)
 
-    monkeypatch.setattr(step_module, "train_step", interrupting)
+    return interrupting
 
 
-def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    interrupt_at(monkeypatch, 2)  # the signal arrives in the middle of the third iteration
+def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted) as stop:
-        fit(tiny(glyphs, tmp_path / "run"), progress=False)
-    monkeypatch.undo()
+    with pytest.raises(TrainingInterrupted) as stop:  # the signal arrives in the middle of the third iteration
+        fit(tiny(glyphs, tmp_path / "run"), progress=False, step=interrupting_at(2))
     assert signal.getsignal(signal.SIGINT) is handler  # our handler is gone again
     assert stop.value.iteration == 3 and stop.value.signal == signal.SIGINT  # the iteration is finished first
     assert stop.value.checkpoint == tmp_path / "run" / "last.pt"
@@ -240,8 +231,7 @@ def test_resume_refuses_changes_that_alter_the_trajectory(glyphs: Path, tmp_path
         fit(tiny(glyphs, tmp_path / "run", iterations=1), resume=tmp_path / "run", progress=False)
 
 
-def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path) -> None:
     config = tiny(glyphs, tmp_path / "whole", lr_schedule="cosine", meta_lr=0.01, final_lr_factor=0.1)
     assert meta_lr_at(config, 0) == pytest.approx(0.01)
     assert meta_lr_at(config, 3) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))  # half way: the mean of both ends
@@ -253,10 +243,8 @@ def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Pa
     assert logged == pytest.approx([meta_lr_at(config, i) for i in range(6)])
 
     part = config.replace(save_to=str(tmp_path / "part"))
-    interrupt_at(monkeypatch, 2)
     with pytest.raises(TrainingInterrupted):
-        fit(part, progress=False)
-    monkeypatch.undo()
+        fit(part, progress=False, step=interrupting_at(2))
     with pytest.raises(ValueError, match="cannot resume a cosine lr_schedule with iterations=8"):
         fit(part.replace(iterations=8), resume=tmp_path / "part", progress=False)
     assert_same_meta(fit(part, resume=tmp_path / "part", progress=False).meta, whole.meta)
@@ -295,7 +283,7 @@ def test_config_rejects_bad_schedules_and_chunk_sizes() -> None:
         TrainConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="final_lr_factor must be a number in"):
         TrainConfig(final_lr_factor=1.5)
-    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0; or None"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, None or 'auto', got 0"):
         TrainConfig(chunk_size=0)
     assert TrainConfig().chunk_size == "auto" and TrainConfig(chunk_size=None).chunk_size is None
 
@@ -520,18 +508,18 @@ def test_train_step_refuses_a_non_finite_update_and_leaves_the_state_as_it_was()
     assert all(torch.equal(moments[i], s["exp_avg"]) for i, s in state.optimizer.state_dict()["state"].items())
 
 
-def test_the_meta_gradient_fn_hook_still_works_with_a_deprecation_warning(glyphs: Path) -> None:
+def test_fit_makes_each_meta_update_with_the_step_it_is_given(glyphs: Path) -> None:
     calls: list[int] = []
 
-    def counting(algorithm, meta, batch, iteration):
-        calls.append(iteration)
-        return meta_gradient(algorithm, meta, batch, iteration)
+    def counting(state, batch, algorithm, **kwargs):
+        calls.append(state.iteration)
+        return train_step(state, batch, algorithm, **kwargs)
 
-    with pytest.warns(DeprecationWarning, match="meta_gradient_fn is deprecated"):
-        result = fit(tiny(glyphs, None, iterations=3, val_every=0, val_tasks=3), progress=False,
-                     meta_gradient_fn=counting)
+    result = fit(tiny(glyphs, None, iterations=3, val_every=0, val_tasks=3), progress=False, step=counting)
     assert calls == [0, 1, 2] and result.iteration == 3
-    assert step_module.meta_gradient is meta_gradient  # the seam is put back
+    assert step_module.meta_gradient is meta_gradient  # nothing of the library is patched
+    with pytest.raises(TypeError, match="fit: step must be a function like maml_func.step.train_step, got int"):
+        fit(tiny(glyphs, None), progress=False, step=1)
 
 
 def test_the_device_guard_applies_finite_steps_exactly_and_nothing_after_a_bad_one() -> None:
@@ -560,13 +548,13 @@ def test_the_device_guard_applies_finite_steps_exactly_and_nothing_after_a_bad_o
 def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
         glyphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The accelerator path of the loop, run on the CPU: the NaN of iteration 5 is seen at the next save (6)."""
-    from maml_func import batching
+    from maml_func import device as devices
 
     def diverging(algorithm, meta, batch, iteration, **kwargs):
         loss, metrics = meta_gradient(algorithm, meta, batch, iteration, **kwargs)
         return (loss * float("nan") if iteration == 4 else loss), metrics
 
-    monkeypatch.setattr(batching, "defer_host_reads", lambda device: True)
+    monkeypatch.setattr(devices, "defer_host_reads", lambda device: True)
     monkeypatch.setattr(step_module, "meta_gradient", diverging)
     with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan at iteration 5; stopped without applying "
                                                  r"that update \(the last checkpoint.*iteration 4\), is intact"):
@@ -580,9 +568,9 @@ def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
 
 def test_deferred_checks_give_the_same_run_as_checks_at_once(glyphs: Path, tmp_path: Path, reference,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from maml_func import batching
+    from maml_func import device as devices
 
-    monkeypatch.setattr(batching, "defer_host_reads", lambda device: True)
+    monkeypatch.setattr(devices, "defer_host_reads", lambda device: True)
     deferred = fit(tiny(glyphs, tmp_path / "run"), progress=False)
     assert_same_meta(deferred.meta, reference.meta)
     timeless = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in deferred.history]

@@ -17,7 +17,7 @@ from torch import nn
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import TrainConfig, make_config
 from maml_func.normalization import BATCH_NORM_POLICIES
-from maml_func.runs import build_algorithm, build_network
+from maml_func.components import build_algorithm, build_network
 from test_cli import SUMMARY, noise_folder, run, tiny_flags
 
 TESTS = Path(__file__).resolve().parent
@@ -129,10 +129,10 @@ def test_bad_options_exit_2_with_one_line_before_the_run_starts(case: str, folde
 
 def test_batch_norm_policy_reaches_the_algorithm_only_when_not_the_default(monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    import maml_func.runs
+    import maml_func.components
 
     seen: list[dict] = []
-    monkeypatch.setattr(maml_func.runs, "build",
+    monkeypatch.setattr(maml_func.components, "build",
                         lambda name, model, **options: seen.append(options) or SimpleNamespace(model=model))
     build_algorithm(TrainConfig())
     build_algorithm(TrainConfig(batch_norm="running"))
