@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_core import TOL, classification_batch, rel_err
-from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import MAML, UnsupportedModelError, build, evaluate_run, exact_model, fit, meta_sgd
 from maml_func.algorithms.base import merge_buffers
 from maml_func.normalization import TaskBatchNorm, TaskLayerNorm

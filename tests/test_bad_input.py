@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_cli import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 
+from helpers import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import make_config
@@ -43,11 +43,6 @@ def assert_refused(code: int, out: str, err: str, *needles: str, status: int = 2
         assert lines[0].startswith("maml-func train: maml on "), err
     for needle in needles:
         assert needle in lines[-1], (needle, err)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
 
 
 # 1. an unusable --save-to is refused before the data is loaded

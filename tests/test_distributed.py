@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from _dist_worker import equivalence_run
-from test_train import assert_same_meta, make_glyph_folder, tiny
-
+from helpers import REPO, assert_same_meta, tiny
 from maml_func import Conv4
 from maml_func.distributed import World, gather_tasks, rank_seed, shard_sizes, world
 from maml_func.train import fit
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240  # seconds; a healthy 2-rank run here takes a few
 
 
@@ -62,11 +60,6 @@ def run_ranks(mode: str, out: Path, *args: str) -> None:
     results = finish(start_ranks(mode, out, *args))
     for rank, (code, err) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
-
-
-@pytest.fixture(scope="module")
-def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_glyph_folder(tmp_path_factory.mktemp("glyphs") / "glyphs")
 
 
 # ------------------------------------------------------------------ pieces

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_core import TOL, classification_batch, rel_err
-from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import MAML, Callback, build, fit
 from maml_func.execution import ROUNDS, ExecutionPolicy, Way, setup_key, ways
 from maml_func.reference import loop_meta_grad

@@ -20,6 +20,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from helpers import rel_err
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size, tasks_channels_last
 from maml_func.reference import loop_meta_loss
@@ -45,11 +46,6 @@ def batch_of(tasks: int, n_way: int, queries: int, size: int = 28, dtype=torch.f
         torch.rand(tasks, n_way * queries, 1, size, size, generator=g, dtype=dtype),
         torch.randint(0, n_way, (tasks, n_way * queries), generator=g),
     )
-
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
-    return (num / torch.sqrt(sum((y**2).sum() for y in b))).item()
 
 
 def test_auto_chunk_size_on_cpu():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
+from helpers import SHARED_OMNIGLOT, assert_same_meta, make_glyph_folder, tiny
 from maml_func import step as step_module
 from maml_func.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from maml_func.config import PRESETS, TrainConfig, load_config_file, make_config
@@ -32,63 +32,6 @@ from maml_func.train import (
     meta_lr_at,
     train_step,
 )
-
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_glyph_folder(root: Path, n_classes: int = 40, per_class: int = 10, size: int = 20, seed: int = 0) -> Path:
-    """An ImageFolder tree of synthetic glyphs: a class is three fixed random strokes, an image a jittered drawing.
-
-    Learnable (the strokes are the class) but not trivial (shift, rotation, stroke
-    width and end points vary per image).
-    """
-    rng = random.Random(seed)
-    big = 4 * size  # drawn large, then shrunk with LANCZOS: smooth strokes
-    for c in range(n_classes):
-        strokes = [[(rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85)) for _ in range(rng.choice((2, 3)))]
-                   for _ in range(3)]
-        folder = root / f"glyph{c:02d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            image = Image.new("L", (big, big), 0)
-            draw = ImageDraw.Draw(image)
-            dx, dy = rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)
-            for stroke in strokes:
-                points = [((x + dx + rng.uniform(-0.03, 0.03)) * big, (y + dy + rng.uniform(-0.03, 0.03)) * big)
-                          for x, y in stroke]
-                draw.line(points, fill=255, width=int(big * rng.uniform(0.06, 0.09)))
-            image = image.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
-            image.resize((size, size), Image.LANCZOS).save(folder / f"{i:02d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_glyph_folder(tmp_path_factory.mktemp("glyphs") / "glyphs")
-
-
-def tiny(glyphs: Path, save_to: Path | None, **changes: object) -> TrainConfig:
-    """A run of a few iterations that takes about a second on the CPU."""
-    values: dict[str, object] = dict(
-        dataset=str(glyphs), data_root=str(glyphs.parent / "cache"), image_size=16, hidden=8, n_way=3, k_shot=1,
-        n_query=2, meta_batch=4, inner_steps=1, eval_inner_steps=2, iterations=6, val_every=3, val_tasks=6,
-        save_every=2, log_every=1, device="cpu", seed=3, rotations=True,
-        save_to=None if save_to is None else str(save_to),
-        # One way of running the tasks: the execution search chooses by timing, and these tests compare runs bit
-        # for bit (tests/test_execution.py tests the search).
-        execution="vmap",
-    )
-    values.update(changes)
-    return make_config(**values)
-
-
-def assert_same_meta(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for group in a:
-        assert a[group].keys() == b[group].keys()
-        for name in a[group]:
-            assert torch.equal(a[group][name], b[group][name]), f"{group}.{name} differs"
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO, SUMMARY, run, tiny_flags
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import TrainConfig, make_config
 from maml_func.normalization import BATCH_NORM_POLICIES
 from maml_func.runs import build_algorithm, build_network
-from test_cli import SUMMARY, noise_folder, run, tiny_flags
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 SMALL_CNN = "_user_models:small_cnn"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
 
 
 def maml_func_command(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
