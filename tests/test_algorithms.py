@@ -295,6 +295,7 @@ SINUSOID = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_meta_learns_the_sinusoid_family(name):
     options, outer_lr, meta_steps, eval_steps = SINUSOID[name]

@@ -284,6 +284,7 @@ def test_dropout_trains_vectorized_with_a_draw_per_task_and_repeats_under_a_seed
     assert torch.equal(*evaluated)
 
 
+@pytest.mark.slow
 def test_a_users_model_with_running_statistics_and_dropout_repeats_and_resumes_bit_for_bit(glyphs, tmp_path):
     """fit(model=...): the same seed gives the same run twice; a resumed run is the same run; evaluation repeats."""
 

@@ -240,6 +240,7 @@ def test_a_hostile_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, c
 
 
 # 9. round 3: a run owns its directory from its first moment to its end
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(folder: Path, tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
@@ -404,6 +405,7 @@ print(json.dumps({"first": first, "code": code, "err": err, "same": after == bef
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_for_real_on_a_small_tmpfs(folder: Path, tmp_path: Path) -> None:
     """The same promise on a real full file system: a 1 MB tmpfs in a private mount namespace."""
     if shutil.which("unshare") is None:

@@ -214,6 +214,7 @@ def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_with_a_checkpoint_and_resume_finishes(folder: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"

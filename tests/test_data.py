@@ -405,6 +405,7 @@ def real_omniglot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Image
     return root, classes, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_real_omniglot_counts(real_omniglot: tuple[Path, ImageClasses, float]) -> None:
     _, classes, _ = real_omniglot
     assert classes.images.shape == (1623, 20, 1, 28, 28) and classes.counts.eq(20).all()
@@ -418,6 +419,7 @@ def test_real_omniglot_counts(real_omniglot: tuple[Path, ImageClasses, float]) -
     assert sample.max() == 255 and float(sample.mean()) < 60 and float(sample[..., 0, 0].max()) == 0
 
 
+@pytest.mark.slow
 def test_real_omniglot_cache_and_splits(
     real_omniglot: tuple[Path, ImageClasses, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:

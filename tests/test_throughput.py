@@ -25,6 +25,7 @@ from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size, tasks_channels_last
 from maml_func.reference import loop_meta_loss
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
