@@ -45,6 +45,7 @@ def _dense_meta_gradient(model, meta, batch, *, lr: float, steps: int, lam: floa
 
 @pytest.mark.parametrize("execution", [dict(chunk_size=None), dict(chunk_size=1), dict(vectorize=False)],
                          ids=["vmap", "chunk1", "loop"])
+@pytest.mark.slow
 def test_meta_gradient_equals_a_dense_linear_solve(execution):
     torch.manual_seed(0)
     model = MLP(hidden=(8, 8)).double()  # 97 parameters: CG converges well within 200 steps
