@@ -114,6 +114,7 @@ def test_check_paths_names_missing_dataset_and_source(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------- run and resume
+@pytest.mark.slow
 def test_run_directory_holds_checkpoints_metrics_and_curve(reference) -> None:
     run_dir = reference.run_dir
     assert reference.iteration == 6 and reference.stopped == "completed"
@@ -134,6 +135,7 @@ def test_run_directory_holds_checkpoints_metrics_and_curve(reference) -> None:
     assert_same_meta(loaded.meta, last["meta"])
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
     first = fit(tiny(glyphs, tmp_path / "run", iterations=4), progress=False)
     assert first.iteration == 4
@@ -158,6 +160,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
     monkeypatch.setattr(step_module, "train_step", interrupting)
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     interrupt_at(monkeypatch, 2)  # the signal arrives in the middle of the third iteration
@@ -183,6 +186,7 @@ def test_resume_refuses_changes_that_alter_the_trajectory(glyphs: Path, tmp_path
         fit(tiny(glyphs, tmp_path / "run", iterations=1), resume=tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     config = tiny(glyphs, tmp_path / "whole", lr_schedule="cosine", meta_lr=0.01, final_lr_factor=0.1)
@@ -345,6 +349,7 @@ _SLOW_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
@@ -389,6 +394,7 @@ def test_sigkill_at_random_points_of_training_leaves_a_loadable_checkpoint(glyph
 
 
 # ------------------------------------------------------ learning for real
+@pytest.mark.slow
 def test_fit_learns_a_user_image_folder_far_above_chance(tmp_path: Path) -> None:
     """The acceptance test on a user's folder: synthetic glyphs, a few hundred iterations, 5-way 1-shot."""
     folder = make_glyph_folder(tmp_path / "glyphs", n_classes=40, per_class=10, size=20, seed=1)
@@ -521,6 +527,7 @@ def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
     assert logged == [3]  # nothing was logged after the bad step
 
 
+@pytest.mark.slow
 def test_deferred_checks_give_the_same_run_as_checks_at_once(glyphs: Path, tmp_path: Path, reference,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from maml_func import batching
