@@ -153,6 +153,7 @@ def test_batch_norm_flag_trains_and_evaluates(policy: str, folder: Path, tmp_pat
 
 
 # ------------------------------------------------------- import-path models
+@pytest.mark.slow
 def test_import_path_model_trains_then_eval_and_resume_rebuild_it(folder: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
@@ -224,6 +225,7 @@ def rgb_tree(root: Path, classes: int = 5, per_class: int = 3, size: int = 32) -
     return root
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_trains_and_evaluates_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tree, run_dir = rgb_tree(tmp_path / "tree"), tmp_path / "run"
     done = maml_func_command(
