@@ -12,27 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maml_func import LOOP, MAML, VMAP, Conv4, TaskBatch, Way, lslr, meta_gradient, multi_step_weights, sgd
+from helpers import ITERATION, TOL, classification_batch, spread_rates
+from helpers import conv4 as _conv
+from helpers import flat as _flat
+from helpers import meta_grads as _grads
+from helpers import rel_err as _rel
+from maml_func import LOOP, MAML, VMAP, TaskBatch, Way, lslr, meta_gradient, multi_step_weights, sgd
 from maml_func.algorithms import adjoint, anil, mamlpp, metasgd
 from maml_func.reference import loop_meta_loss
 
 N_WAY, K_SHOT, N_QUERY, TASKS = 3, 2, 2, 3
-LR, TOL, ITERATION, ANNEAL = 0.3, 1e-10, 4, 10
-
-
-def _conv() -> Conv4:
-    torch.manual_seed(0)
-    return Conv4(n_way=N_WAY, hidden=8, image_size=16).double()
+LR, ANNEAL = 0.3, 10
 
 
 def _batch(seed: int = 0) -> TaskBatch:
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(
-        torch.rand(TASKS, N_WAY * K_SHOT, 1, 16, 16, generator=g, dtype=torch.float64),
-        torch.arange(N_WAY).repeat_interleave(K_SHOT).expand(TASKS, -1).clone(),
-        torch.rand(TASKS, N_WAY * N_QUERY, 1, 16, 16, generator=g, dtype=torch.float64),
-        torch.randint(0, N_WAY, (TASKS, N_WAY * N_QUERY), generator=g),
-    )
+    return classification_batch(TASKS, N_WAY, K_SHOT, N_QUERY, 16, seed)
 
 
 # name -> (factory of the algorithm, rate(rule_params, name, step) for the reference or None for sgd)
@@ -46,27 +40,9 @@ VARIANTS = {
 }
 
 
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).norm() / want.norm()).item()
-
-
 def _meta(algo) -> dict:
     """Fresh meta-parameters with distinct learned rates, so that a mixed-up index or step shows."""
-    meta = algo.init()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for r in meta["rule"].values():
-            r.mul_(0.5 + torch.rand(r.shape, generator=g, dtype=r.dtype))
-    return meta
-
-
-def _grads(algo, meta, batch, iteration=ITERATION, way=VMAP) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, _ = algo.meta_loss(meta, batch, iteration, way=way)
-    return loss.detach(), _flat(torch.autograd.grad(loss, algo.parameters(meta)))
+    return spread_rates(algo.init())
 
 
 def _reference(name: str, algo, meta, batch, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +73,8 @@ def test_adjoint_equals_unroll_and_the_per_task_reference(name, steps):
     unrolled = make(model, inner_steps=steps)
     adjoint_ = make(model, inner_steps=steps, backprop="adjoint")
     meta = _meta(unrolled)
-    loss_u, g_u = _grads(unrolled, meta, batch)
-    loss_a, g_a = _grads(adjoint_, meta, batch)
+    loss_u, g_u = _grads(unrolled, meta, batch, way=VMAP)
+    loss_a, g_a = _grads(adjoint_, meta, batch, way=VMAP)
     loss_r, g_r = _reference(name, unrolled, meta, batch, steps)
     assert g_r.norm() > 0 and torch.isfinite(g_a).all()
     assert _rel(loss_a, loss_r) < 1e-12 and _rel(loss_u, loss_r) < 1e-12
@@ -175,9 +151,9 @@ def test_a_wrong_recursion_is_far_off(monkeypatch, mutant):
     algo = MAML(model, inner_lr=LR, inner_steps=5, backprop="adjoint")
     meta = _meta(algo)
     want = _reference("sgd", algo, meta, batch, 5)[1]
-    assert _rel(_grads(algo, meta, batch)[1], want) < TOL
+    assert _rel(_grads(algo, meta, batch, way=VMAP)[1], want) < TOL
     monkeypatch.setattr(adjoint, "_reverse_step", mutant)
-    assert _rel(_grads(algo, meta, batch)[1], want) > 1e-3
+    assert _rel(_grads(algo, meta, batch, way=VMAP)[1], want) > 1e-3
 
 
 def test_bad_backprop_is_refused():

@@ -12,6 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import ITERATION, spread_rates
+from helpers import conv4 as _conv
+from helpers import flat as _flat
+from helpers import meta_grads as _meta_grads
+from helpers import rel_err as _rel
 from maml_func import (
     ALGORITHMS,
     LOOP,
@@ -48,12 +53,6 @@ EQUALITY_OPTIONS = {
     "imaml": dict(inner_lr=0.1, inner_steps=3, lam=2.0, cg_steps=4),
     "protomaml": dict(inner_steps=2),
 }
-ITERATION = 4
-
-
-def _conv(seed: int = 0) -> Conv4:
-    torch.manual_seed(seed)
-    return Conv4(n_way=N_WAY, hidden=8, image_size=16).double()
 
 
 def _image_batch(seed: int = 0) -> TaskBatch:
@@ -66,19 +65,6 @@ def _image_batch(seed: int = 0) -> TaskBatch:
         torch.rand(TASKS, N_WAY * N_QUERY, 1, 16, 16, generator=g, dtype=torch.float64),
         query.expand(TASKS, -1).clone(),
     )
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _meta_grads(algo, meta, batch, iteration=ITERATION, way=None) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, _ = algo.meta_loss(meta, batch, iteration, way=way)
-    return loss.detach(), _flat(torch.autograd.grad(loss, algo.parameters(meta)))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_registry_has_the_family():
@@ -162,11 +148,7 @@ def test_learned_rates_match_hand_written_reference(name, options, iteration, we
     model, batch = _conv(), _image_batch()
     algo = build(name, model, **options)
     meta = algo.init()
-    # Distinct rates per element / per step, so that a mixed-up index shows.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for r in meta["rule"].values():
-            r.mul_(0.5 + torch.rand(r.shape, generator=g, dtype=r.dtype))
+    spread_rates(meta)  # distinct rates per element / per step, so that a mixed-up index shows
     if name == "metasgd":
         rate = lambda rule, k, i: rule[k]  # noqa: E731
     else:
@@ -316,6 +298,7 @@ SINUSOID = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_meta_learns_the_sinusoid_family(name):
     options, outer_lr, meta_steps, eval_steps = SINUSOID[name]

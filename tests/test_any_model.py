@@ -14,10 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_core import TOL, classification_batch, rel_err
-from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import LOOP, MAML, VMAP, UnsupportedModelError, Way, build, evaluate_run, exact_model, fit, meta_sgd
 from maml_func.algorithms.pieces import merge_buffers
 from maml_func.normalization import TaskBatchNorm, TaskLayerNorm
@@ -285,6 +284,7 @@ def test_dropout_trains_vectorized_with_a_draw_per_task_and_repeats_under_a_seed
     assert torch.equal(*evaluated)
 
 
+@pytest.mark.slow
 def test_a_users_model_with_running_statistics_and_dropout_repeats_and_resumes_bit_for_bit(glyphs, tmp_path):
     """fit(model=...): the same seed gives the same run twice; a resumed run is the same run; evaluation repeats."""
 

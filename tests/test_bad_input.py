@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_cli import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 
+from helpers import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 from maml_func import LOOP, MAML, Conv4, TaskBatch, Way
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import make_config
@@ -43,11 +43,6 @@ def assert_refused(code: int, out: str, err: str, *needles: str, status: int = 2
         assert lines[0].startswith("maml-func train: maml on "), err
     for needle in needles:
         assert needle in lines[-1], (needle, err)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
 
 
 # 1. an unusable --save-to is refused before the data is loaded
@@ -244,6 +239,7 @@ def test_a_hostile_checkpoint_is_refused_without_torchs_advice(tmp_path: Path, c
 
 
 # 9. round 3: a run owns its directory from its first moment to its end
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_is_refused_and_touches_nothing(folder: Path, tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
@@ -408,6 +404,7 @@ print(json.dumps({"first": first, "code": code, "err": err, "same": after == bef
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_for_real_on_a_small_tmpfs(folder: Path, tmp_path: Path) -> None:
     """The same promise on a real full file system: a 1 MB tmpfs in a private mount namespace."""
     if shutil.which("unshare") is None:

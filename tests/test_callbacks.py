@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from _user_models import small_cnn
+from helpers import run
 from maml_func import Callback, fit
 from maml_func.checkpoint import load_checkpoint
 from maml_func.config import make_config
 from maml_func.runs import evaluate_run, load_run
-from test_cli import noise_folder, run
 
 
 class Recorder(Callback):
@@ -44,11 +44,6 @@ class OnlyLogs(Callback):
     def on_log(self, record: dict[str, Any]) -> None:
         self.iterations.append(record["iteration"])
         record["loss"] = -1.0  # a copy: the run's own record is untouched
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
 
 
 def tiny(folder: Path, save_to: Path | None, **changes: Any) -> Any:

@@ -15,48 +15,11 @@ import pytest
 import torch
 
 import maml_func
+from helpers import SHARED_OMNIGLOT, SUMMARY, run, tiny_flags
 from maml_func.checkpoint import load_checkpoint
 from maml_func.cli import main
 from maml_func.config import TrainConfig
 from maml_func.fields import describe_default
-
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-SUMMARY = re.compile(r"^\d+-way \d+-shot: \d+\.\d% ± \d+\.\d \(\d+ tasks, \d+ steps\)$")
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """``main(argv)`` in this process: (exit status, stdout, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def noise_folder(root: Path, n_classes: int = 20, per_class: int = 5, size: int = 16) -> Path:
-    """An ImageFolder tree of random-pattern classes (enough for train/val/test splits of 3-way tasks)."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for c in range(n_classes):
-        (root / f"class{c:02d}").mkdir(parents=True)
-        pattern = torch.rand(size, size, generator=g)
-        for i in range(per_class):
-            pixels = (255 * (0.7 * pattern + 0.3 * torch.rand(size, size, generator=g))).to(torch.uint8)
-            Image.fromarray(pixels.numpy(), mode="L").save(root / f"class{c:02d}" / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
-
-
-def tiny_flags(folder: Path, tmp_path: Path) -> list[str]:
-    return ["--dataset", str(folder), "--data-root", str(tmp_path / "cache"), "--image-size", "16", "--hidden", "8",
-            "--n-way", "3", "--k-shot", "1", "--n-query", "2", "--meta-batch", "2", "--device", "cpu",
-            "--val-tasks", "4", "--no-progress"]
 
 
 # ---------------------------------------------------------------- basics
@@ -254,6 +217,7 @@ def test_demo_runs(capsys: pytest.CaptureFixture) -> None:
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.slow
 def test_sigint_exits_130_with_a_checkpoint_and_resume_finishes(folder: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"

@@ -15,31 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import maml_func
-from maml_func import (
-    LOOP, MAML, MLP, Conv4, TaskBatch, TaskBatchNorm, Way, adapt, combine, sample_sinusoid_tasks, sgd,
-)
+from helpers import TOL, classification_batch, rel_err
+from maml_func import LOOP, MAML, MLP, Conv4, TaskBatchNorm, Way, adapt, combine, sample_sinusoid_tasks, sgd
 from maml_func.reference import loop_meta_grad, loop_task_losses
-
-TOL = 1e-10
-
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """Relative error on the norm of all tensors together (docs/design.md, "BatchNorm under vmap")."""
-    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
-    den = torch.sqrt(sum((y**2).sum() for y in b))
-    return (num / den).item()
-
-
-def classification_batch(T: int, n_way: int, k: int, q: int, size: int, seed: int = 0,
-                         channels: int = 1) -> TaskBatch:
-    """``T`` random ``n_way``-way tasks of ``channels x size x size`` float64 images (also used by test_resnet12)."""
-    g = torch.Generator().manual_seed(seed)
-    return TaskBatch(
-        torch.rand(T, n_way * k, channels, size, size, generator=g, dtype=torch.float64),
-        torch.arange(n_way).repeat_interleave(k).expand(T, -1).clone(),
-        torch.rand(T, n_way * q, channels, size, size, generator=g, dtype=torch.float64),
-        torch.randint(0, n_way, (T, n_way * q), generator=g),
-    )
 
 
 def setups():

@@ -5,24 +5,21 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import threading
 import time
 import warnings
 import zipfile
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from helpers import SHARED_OMNIGLOT, forbid, serve, snapshot
 from maml_func.data import ImageClasses, download_omniglot, load_dataset, load_folder, load_omniglot
 from maml_func.data import folder as folder_module
 from maml_func.data import omniglot
 from maml_func.tasks import EpisodeSampler
 
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 # A tiny Omniglot: (alphabets, characters) per part, 20 drawings each, like the real one.
 FAKE_LAYOUT = {"images_background": (2, 3), "images_evaluation": (1, 2)}
 
@@ -66,10 +63,6 @@ def write_fake_omniglot(folder: Path, *, as_zip: bool = True) -> Path:
     return folder
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture
 def fake_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fake offline source in tmp_path; the loader expects the fake layout instead of the real counts."""
@@ -78,11 +71,7 @@ def fake_omniglot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("decoded again instead of reading the cache")
-
-    monkeypatch.setattr(omniglot, "_decode", fail)
-    monkeypatch.setattr(folder_module, "_decode", fail)
+    forbid(monkeypatch, (omniglot, "_decode"), (folder_module, "_decode"))
 
 
 def test_fake_omniglot_from_zip_source(fake_omniglot: Path, tmp_path: Path) -> None:
@@ -201,11 +190,7 @@ def test_download_from_source_copies_and_trusts_the_copies(fake_omniglot: Path, 
 def test_download_checks_md5_and_leaves_nothing_on_mismatch(
     fake_omniglot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
-    # A server on localhost stands in for the release site; nothing leaves the machine.
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(fake_omniglot)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    request.addfinalizer(server.shutdown)
-    monkeypatch.setattr(omniglot, "URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setattr(omniglot, "URL", serve(fake_omniglot, request))
     md5 = {part: hashlib.md5((fake_omniglot / f"{part}.zip").read_bytes()).hexdigest() for part in FAKE_LAYOUT}
     monkeypatch.setattr(omniglot, "MD5", {**md5, "images_evaluation": "0" * 32})
     root = tmp_path / "root"
@@ -420,6 +405,7 @@ def real_omniglot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Image
     return root, classes, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_real_omniglot_counts(real_omniglot: tuple[Path, ImageClasses, float]) -> None:
     _, classes, _ = real_omniglot
     assert classes.images.shape == (1623, 20, 1, 28, 28) and classes.counts.eq(20).all()
@@ -433,6 +419,7 @@ def test_real_omniglot_counts(real_omniglot: tuple[Path, ImageClasses, float]) -
     assert sample.max() == 255 and float(sample.mean()) < 60 and float(sample[..., 0, 0].max()) == 0
 
 
+@pytest.mark.slow
 def test_real_omniglot_cache_and_splits(
     real_omniglot: tuple[Path, ImageClasses, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:

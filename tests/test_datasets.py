@@ -15,18 +15,16 @@ import io
 import pickle
 import re
 import tarfile
-import threading
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import run
 
+from helpers import forbid, run, serve, snapshot
 from maml_func.checkpoint import load_checkpoint
 from maml_func.cli import _offline_hint
 from maml_func.config import make_config
@@ -60,10 +58,6 @@ def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def tar_gz(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, data in members.items():
@@ -81,12 +75,8 @@ class RunsCode:
 
 
 def forbid_building(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("decoded again instead of reading the cache")
-
-    for module in (miniimagenet, tieredimagenet, cub):
-        monkeypatch.setattr(module, "_build", fail)
-    monkeypatch.setattr(cifar, "_read_cifar100", fail)
+    builders = [(module, "_build") for module in (miniimagenet, tieredimagenet, cub)]
+    forbid(monkeypatch, *builders, (cifar, "_read_cifar100"))
 
 
 def test_real_class_lists_have_the_published_counts() -> None:
@@ -336,11 +326,7 @@ def test_cifar_wrong_checksum_truncation_and_download(cifar_release: Path, tmp_p
     with pytest.raises(FileNotFoundError, match=r"neither cifar-100-python\.tar\.gz nor.*download=True"):
         load_dataset("fc100", root=tmp_path / "empty")
     monkeypatch.setattr(cifar, "MD5", {**cifar.MD5, cifar.ARCHIVE: md5_of(cifar_release / cifar.ARCHIVE)})
-    # A server on localhost stands in for the release site; nothing leaves the machine.
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(cifar_release)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    request.addfinalizer(server.shutdown)
-    monkeypatch.setattr(cifar, "URL", f"http://127.0.0.1:{server.server_address[1]}/{cifar.ARCHIVE}")
+    monkeypatch.setattr(cifar, "URL", serve(cifar_release, request) + cifar.ARCHIVE)
     fc = load_dataset("fc100", root=tmp_path / "fetched", download=True)
     assert len(fc["val"]) == 2 and (tmp_path / "fetched" / cifar.ARCHIVE).is_file()
     monkeypatch.setattr(cifar, "URL", (tmp_path / "nowhere.tar.gz").as_uri())

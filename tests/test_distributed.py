@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from _dist_worker import equivalence_run
-from test_train import assert_same_meta, make_glyph_folder, tiny
-
+from helpers import REPO, assert_same_meta, tiny
 from maml_func import Conv4
 from maml_func.distributed import World, gather_tasks, rank_seed, shard_sizes, world
 from maml_func.train import fit
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT = 240  # seconds; a healthy 2-rank run here takes a few
 
 
@@ -64,11 +62,6 @@ def run_ranks(mode: str, out: Path, *args: str) -> None:
         assert code == 0, f"rank {rank} exited {code}:\n{err[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_glyph_folder(tmp_path_factory.mktemp("glyphs") / "glyphs")
-
-
 # ------------------------------------------------------------------ pieces
 def test_single_process_world_and_shards() -> None:
     assert world() == World(0, 1, 0) and world().is_main
@@ -79,6 +72,7 @@ def test_single_process_world_and_shards() -> None:
 
 
 # ------------------------------------------------------------- equivalence
+@pytest.mark.slow
 def test_two_ranks_take_the_same_steps_as_one_process_on_the_full_meta_batch(tmp_path: Path) -> None:
     run_ranks("equivalence", tmp_path)
     single = equivalence_run(0, 1)
@@ -100,6 +94,7 @@ def test_two_ranks_take_the_same_steps_as_one_process_on_the_full_meta_batch(tmp
 
 
 # --------------------------------------------------------------------- fit
+@pytest.mark.slow
 def test_fit_on_two_ranks_agrees_writes_once_and_resumes_exactly(glyphs: Path, tmp_path: Path) -> None:
     whole = tiny(glyphs, tmp_path / "whole", distributed=True, iterations=6, val_tasks=6)
     (tmp_path / "a").mkdir()
@@ -133,6 +128,7 @@ def test_fit_on_two_ranks_agrees_writes_once_and_resumes_exactly(glyphs: Path, t
         fit(part.replace(iterations=6, distributed=False), resume=tmp_path / "part", progress=False)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_trains_and_every_rank_exits_cleanly(glyphs: Path, tmp_path: Path) -> None:
     """The README's launch line, on loopback: both ranks exit 0 and only rank 0 wrote the run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -150,6 +146,7 @@ def test_cli_under_torchrun_trains_and_every_rank_exits_cleanly(glyphs: Path, tm
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["iteration"] == 4
 
 
+@pytest.mark.slow
 def test_distributed_without_torchrun_is_a_clear_usage_error(glyphs: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "maml_func", "train", "--distributed", "--dataset", str(glyphs),
@@ -162,6 +159,7 @@ def test_distributed_without_torchrun_is_a_clear_usage_error(glyphs: Path, tmp_p
 
 
 # ---------------------------------------------------------------- failures
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["crash", "hang"])
 def test_a_failing_rank_makes_the_others_exit_with_a_clear_error(glyphs: Path, tmp_path: Path, mode: str) -> None:
     config = tiny(glyphs, tmp_path / "run", distributed=True, iterations=6, val_every=0, save_every=1)

@@ -36,6 +36,7 @@ def sampler() -> EpisodeSampler:
     return EpisodeSampler(random_classes(), n_way=4, k_shot=1, n_query=3)
 
 
+@pytest.mark.slow
 def test_accuracy_and_ci_match_the_protocol(sampler: EpisodeSampler) -> None:
     algo = algorithm()
     meta = algo.init()

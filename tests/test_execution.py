@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_core import TOL, classification_batch, rel_err
-from test_train import assert_same_meta, glyphs, tiny  # noqa: F401 (glyphs is a fixture)
 from torch import nn
 
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import MAML, Callback, build, fit
 from maml_func.batching import Way
 from maml_func.execution import ROUNDS, ExecutionPolicy, setup_key, ways
@@ -108,6 +107,7 @@ class LogKinds(Callback):
         self.kinds.append(record["kind"])
 
 
+@pytest.mark.slow
 def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(glyphs, tmp_path, monkeypatch):
     """meta_batch 4: the loop, chunk=2 and vmap, 2 iterations each; the run goes on past the search.
 
@@ -140,6 +140,7 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     assert not [r for r in looped.history if r["kind"] == "execution"]
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_setup_reads_the_cached_choice(glyphs, tmp_path, monkeypatch):
     monkeypatch.setenv("MAML_FUNC_CACHE_DIR", str(tmp_path / "cache"))
     searched = len(ways(4)) * ROUNDS

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs benchmarks/gpu_check.py in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 
 

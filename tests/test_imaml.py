@@ -13,16 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
+from helpers import flat as _flat
+from helpers import rel_err as _rel
 from maml_func import LOOP, MLP, VMAP, Way, build, meta_sgd, sample_sinusoid_tasks, sgd
 from maml_func.algorithms import IMAML, conjugate_gradient
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).norm() / want.norm()).item()
 
 
 def _dense_meta_gradient(model, meta, batch, *, lr: float, steps: int, lam: float) -> torch.Tensor:
@@ -50,6 +44,7 @@ def _dense_meta_gradient(model, meta, batch, *, lr: float, steps: int, lam: floa
 
 
 @pytest.mark.parametrize("execution", [VMAP, Way(1), LOOP], ids=["vmap", "chunk1", "loop"])
+@pytest.mark.slow
 def test_meta_gradient_equals_a_dense_linear_solve(execution):
     torch.manual_seed(0)
     model = MLP(hidden=(8, 8)).double()  # 97 parameters: CG converges well within 200 steps

@@ -17,6 +17,7 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # runs the notebooks in a kernel
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 OMNIGLOT_PARTS = ("images_background", "images_evaluation")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_core import TOL, classification_batch, rel_err
+from helpers import TOL, classification_batch, rel_err
 from torch import nn
 from torch.func import functional_call
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_core import TOL, classification_batch, rel_err
 from torch.func import functional_call, vmap
 
+from helpers import TOL, classification_batch, rel_err
 from maml_func import MAML, VMAP, build
 from maml_func.config import make_config
 from maml_func.data import ImageClasses

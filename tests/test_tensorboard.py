@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from maml_func.callbacks import check_callbacks
 from maml_func.tensorboard import TensorBoard, scalars
-from test_cli import noise_folder, run, tiny_flags
+from helpers import noise_folder, run, tiny_flags
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,12 @@ from types import ModuleType
 import pytest
 import torch
 
+from helpers import rel_err
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size, tasks_channels_last
 from maml_func.reference import loop_meta_loss
 
+pytestmark = pytest.mark.slow  # runs the benchmark scripts
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
@@ -54,11 +56,6 @@ def batch_of(tasks: int, n_way: int, queries: int, size: int = 28, dtype=torch.f
         torch.rand(tasks, n_way * queries, 1, size, size, generator=g, dtype=dtype),
         torch.randint(0, n_way, (tasks, n_way * queries), generator=g),
     )
-
-
-def rel_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b)))
-    return (num / torch.sqrt(sum((y**2).sum() for y in b))).item()
 
 
 def test_auto_chunk_size_on_cpu(harness):
@@ -204,7 +201,7 @@ def test_memory_benchmark_smoke_run(tmp_path):
 def test_time_to_accuracy_smoke_run(tmp_path):
     """benchmarks/time_to_accuracy.py: each algorithm trains in turn, its curve, iterations and test accuracy land in
     the JSON lines (written as each one ends) and the plot is a PNG."""
-    from test_train import make_glyph_folder
+    from helpers import make_glyph_folder
 
     folder = make_glyph_folder(tmp_path / "glyphs", n_classes=40, per_class=10, size=20, seed=2)
     out, png = tmp_path / "tta.jsonl", tmp_path / "tta.png"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
+from helpers import SHARED_OMNIGLOT, assert_same_meta, make_glyph_folder, tiny
 from maml_func import step as step_module
 from maml_func.atomic import remove_stale_temporaries
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
@@ -26,63 +26,6 @@ from maml_func.presets import PRESETS
 from maml_func.runs import evaluate_run, load_run
 from maml_func.step import MetaStepOutOfMemory, NonFiniteLossError, meta_gradient, meta_lr_at, train_step
 from maml_func.train import fit
-
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_glyph_folder(root: Path, n_classes: int = 40, per_class: int = 10, size: int = 20, seed: int = 0) -> Path:
-    """An ImageFolder tree of synthetic glyphs: a class is three fixed random strokes, an image a jittered drawing.
-
-    Learnable (the strokes are the class) but not trivial (shift, rotation, stroke
-    width and end points vary per image).
-    """
-    rng = random.Random(seed)
-    big = 4 * size  # drawn large, then shrunk with LANCZOS: smooth strokes
-    for c in range(n_classes):
-        strokes = [[(rng.uniform(0.15, 0.85), rng.uniform(0.15, 0.85)) for _ in range(rng.choice((2, 3)))]
-                   for _ in range(3)]
-        folder = root / f"glyph{c:02d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            image = Image.new("L", (big, big), 0)
-            draw = ImageDraw.Draw(image)
-            dx, dy = rng.uniform(-0.06, 0.06), rng.uniform(-0.06, 0.06)
-            for stroke in strokes:
-                points = [((x + dx + rng.uniform(-0.03, 0.03)) * big, (y + dy + rng.uniform(-0.03, 0.03)) * big)
-                          for x, y in stroke]
-                draw.line(points, fill=255, width=int(big * rng.uniform(0.06, 0.09)))
-            image = image.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
-            image.resize((size, size), Image.LANCZOS).save(folder / f"{i:02d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_glyph_folder(tmp_path_factory.mktemp("glyphs") / "glyphs")
-
-
-def tiny(glyphs: Path, save_to: Path | None, **changes: object) -> TrainConfig:
-    """A run of a few iterations that takes about a second on the CPU."""
-    values: dict[str, object] = dict(
-        dataset=str(glyphs), data_root=str(glyphs.parent / "cache"), image_size=16, hidden=8, n_way=3, k_shot=1,
-        n_query=2, meta_batch=4, inner_steps=1, eval_inner_steps=2, iterations=6, val_every=3, val_tasks=6,
-        save_every=2, log_every=1, device="cpu", seed=3, rotations=True,
-        save_to=None if save_to is None else str(save_to),
-        # One way of running the tasks: the execution search chooses by timing, and these tests compare runs bit
-        # for bit (tests/test_execution.py tests the search).
-        execution="vmap",
-    )
-    values.update(changes)
-    return make_config(**values)
-
-
-def assert_same_meta(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for group in a:
-        assert a[group].keys() == b[group].keys()
-        for name in a[group]:
-            assert torch.equal(a[group][name], b[group][name]), f"{group}.{name} differs"
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +108,7 @@ def test_check_paths_names_missing_dataset_and_source(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------- run and resume
+@pytest.mark.slow
 def test_run_directory_holds_checkpoints_metrics_and_curve(reference) -> None:
     run_dir = reference.run_dir
     assert reference.iteration == 6 and reference.stopped == "completed"
@@ -185,6 +129,7 @@ def test_run_directory_holds_checkpoints_metrics_and_curve(reference) -> None:
     assert_same_meta(loaded.meta, last["meta"])
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
     first = fit(tiny(glyphs, tmp_path / "run", iterations=4), progress=False)
     assert first.iteration == 4
@@ -209,6 +154,7 @@ def interrupting_at(iteration: int):
     return interrupting
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_is_bitwise_exact(glyphs: Path, tmp_path: Path, reference) -> None:
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stop:  # the signal arrives in the middle of the third iteration
@@ -231,6 +177,7 @@ def test_resume_refuses_changes_that_alter_the_trajectory(glyphs: Path, tmp_path
         fit(tiny(glyphs, tmp_path / "run", iterations=1), resume=tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_values_logs_and_exact_resume(glyphs: Path, tmp_path: Path) -> None:
     config = tiny(glyphs, tmp_path / "whole", lr_schedule="cosine", meta_lr=0.01, final_lr_factor=0.1)
     assert meta_lr_at(config, 0) == pytest.approx(0.01)
@@ -390,6 +337,7 @@ _SLOW_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
@@ -434,6 +382,7 @@ def test_sigkill_at_random_points_of_training_leaves_a_loadable_checkpoint(glyph
 
 
 # ------------------------------------------------------ learning for real
+@pytest.mark.slow
 def test_fit_learns_a_user_image_folder_far_above_chance(tmp_path: Path) -> None:
     """The acceptance test on a user's folder: synthetic glyphs, a few hundred iterations, 5-way 1-shot."""
     folder = make_glyph_folder(tmp_path / "glyphs", n_classes=40, per_class=10, size=20, seed=1)
@@ -566,6 +515,7 @@ def test_fit_with_checks_kept_on_the_device_stops_at_the_first_bad_iteration(
     assert logged == [3]  # nothing was logged after the bad step
 
 
+@pytest.mark.slow
 def test_deferred_checks_give_the_same_run_as_checks_at_once(glyphs: Path, tmp_path: Path, reference,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from maml_func import device as devices

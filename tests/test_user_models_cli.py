@@ -14,20 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import REPO, SUMMARY, run, tiny_flags
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import TrainConfig, make_config
 from maml_func.normalization import BATCH_NORM_POLICIES
 from maml_func.components import build_algorithm, build_network
-from test_cli import SUMMARY, noise_folder, run, tiny_flags
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 SMALL_CNN = "_user_models:small_cnn"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return noise_folder(tmp_path_factory.mktemp("data") / "noise")
 
 
 def maml_func_command(*argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -158,6 +152,7 @@ def test_batch_norm_flag_trains_and_evaluates(policy: str, folder: Path, tmp_pat
 
 
 # ------------------------------------------------------- import-path models
+@pytest.mark.slow
 def test_import_path_model_trains_then_eval_and_resume_rebuild_it(folder: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
@@ -229,6 +224,7 @@ def rgb_tree(root: Path, classes: int = 5, per_class: int = 3, size: int = 32) -
     return root
 
 
+@pytest.mark.slow
 def test_torchvision_resnet18_trains_and_evaluates_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tree, run_dir = rgb_tree(tmp_path / "tree"), tmp_path / "run"
     done = maml_func_command(
