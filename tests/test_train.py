@@ -204,9 +204,9 @@ def test_tasks_per_backward_splits_every_meta_batch_and_may_change_on_resume(
     sizes: list[int] = []
     meta_loss = MAML.meta_loss
 
-    def recording(self, meta, batch, iteration=0):
+    def recording(self, meta, batch, iteration=0, **options):
         sizes.append(batch.num_tasks)
-        return meta_loss(self, meta, batch, iteration)
+        return meta_loss(self, meta, batch, iteration, **options)
 
     monkeypatch.setattr(MAML, "meta_loss", recording)
     config = tiny(glyphs, tmp_path / "run", iterations=2, val_every=0, dtype="float64")

@@ -77,6 +77,9 @@ class ProtoMAML(MAML):
 
     def _check(self) -> None:
         super()._check()
+        if self.loss != "cross_entropy":
+            raise ValueError(f"ProtoMAML: the prototype head classifies: loss must be 'cross_entropy', got "
+                             f"{self.loss!r}; for regression use MAML")
         prefix = head_predicate(self.model, self.head, "ProtoMAML").prefix
         name = prefix.removesuffix(".")
         module = self.model.get_submodule(name)
