@@ -67,6 +67,11 @@ def _offline_hint(dataset: str) -> str:
             f"download{'' if name == 'omniglot' else ' --dataset ' + name} --root DATA_ROOT --source DIR")
 
 
+def _config(args: argparse.Namespace, base: dict[str, Any] | None, flags: dict[str, Any]) -> TrainConfig:
+    """The command's config: ``base`` (a checkpoint's), then ``--preset``, ``--config`` and the flags over it."""
+    return make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None), base=base, **flags)
+
+
 def _train_command(args: argparse.Namespace) -> int:
     prog = "maml-func train"
     flags = overrides(args)
@@ -75,8 +80,7 @@ def _train_command(args: argparse.Namespace) -> int:
         if getattr(args, "resume", None) is not None:
             resume = Checkpoint.read(args.resume, origin="fit")  # read once: the config here, the state in fit
             flags.setdefault("save_to", str(resume.path.parent))
-        config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None),
-                             base=resume.config if resume is not None else None, **flags)
+        config = _config(args, resume.config if resume is not None else None, flags)
         if config.save_to is None:
             config = config.replace(save_to=_default_run_dir(config))
         config.check_paths()
@@ -178,8 +182,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             checkpoint = Checkpoint.read(args.checkpoint, prefer_best=True, origin="evaluate_run")
             base = checkpoint.config
             base.pop("save_to", None)
-        config = make_config(preset=getattr(args, "preset", None), file=getattr(args, "config", None), base=base,
-                             **flags)
+        config = _config(args, base, flags)
         config.check_paths()
         result = evaluate_run(checkpoint, config=config, classes=args.classes, num_tasks=args.tasks,
                               steps=getattr(args, "steps", None), batch_size=args.batch_size, seed=args.eval_seed,

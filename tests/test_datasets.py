@@ -493,7 +493,7 @@ def test_offline_hints_name_the_files_of_the_dataset_in_use(tmp_path: Path, caps
     ("cub", {"channels": 1}, ValueError, "cub is RGB; channels must be 3 or None, got 1"),
     ("miniimagenet", {"skip_bad_files": True}, ValueError, "skip_bad_files applies to folder trees"),
     ("tieredimagenet", {"source": "nope"}, FileNotFoundError, "not a folder"),
-    (None, {"source": "."}, ValueError, "source applies to dataset='omniglot' only"),  # None: a folder tree
+    (None, {"source": "."}, ValueError, "source applies to a named dataset only"),  # None: a folder tree
 ])
 def test_load_dataset_refuses_options_that_do_not_apply(dataset: str | None, options: dict, error: type,
                                                         match: str, tmp_path: Path) -> None:

@@ -134,12 +134,12 @@ def load_dataset(
 
     for name, value in (("download", download), ("source", source)):
         if value not in (False, None):
-            raise ValueError(f"load_dataset: {name} applies to dataset='omniglot' only (and the other named "
-                             f"datasets {', '.join(BENCHMARKS)}), got {name}={value!r} for the folder {dataset}")
+            raise ValueError(f"load_dataset: {name} applies to a named dataset only ({', '.join(DATASETS)}), got "
+                             f"{name}={value!r} for the folder {dataset}")
     path = Path(dataset).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"load_dataset: dataset {dataset!r} is neither 'omniglot' nor an existing folder; "
-                                f"pass a named dataset ({', '.join(DATASETS)}) or the path of an ImageFolder tree "
+        raise FileNotFoundError(f"load_dataset: dataset {dataset!r} is neither a named dataset ({', '.join(DATASETS)}) "
+                                "nor an existing folder; pass one of those names or the path of an ImageFolder tree "
                                 "(one folder per class)")
     options = {"image_size": image_size, "channels": channels, "skip_bad_files": skip_bad_files, "cache_dir": root}
     parts = {p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")}
