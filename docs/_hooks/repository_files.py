@@ -2,7 +2,7 @@
 
 The pages of ``docs/`` link to ``../benchmarks/README.md`` and its figures, so
 that the links work where the Markdown is read as files (GitHub, an editor).
-MkDocs only knows ``docs/``: this hook adds the Markdown pages and data files
+MkDocs only knows ``docs/``: this hook adds the Markdown pages, scripts and data files
 of each folder of :data:`MIRRORED` to the site under the same path, and points
 the ``../<folder>/`` links of the docs pages at those copies. A link to any
 other file outside ``docs/`` stays a build warning (a failure under
@@ -17,7 +17,7 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 MIRRORED = ("benchmarks",)
-SUFFIXES = {".md", ".png", ".svg", ".jpg", ".jsonl", ".json", ".csv"}
+SUFFIXES = {".md", ".py", ".png", ".svg", ".jpg", ".jsonl", ".json", ".csv"}  # .py: the scripts, as files
 # The target of a Markdown link or image: ](../benchmarks/README.md#anchor)
 _OUTWARD = re.compile(r"\]\(\.\./(?P<folder>" + "|".join(MIRRORED) + r")/")
 
