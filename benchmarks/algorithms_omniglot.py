@@ -37,9 +37,9 @@ import argparse
 import time
 from typing import Any
 
+import harness
 import torch
 
-import harness
 from maml_func.data import load_dataset
 from maml_func.runs import build_algorithm
 from maml_func.tasks import EpisodeSampler
@@ -136,8 +136,8 @@ def main() -> None:
 
     print(f"\nOmniglot {args.n_way}-way {args.k_shot}-shot, {args.minutes * 60:.0f} s of meta-training each, "
           f"{args.test_tasks} test tasks (mean ± 95% CI); chance {100 / args.n_way:.0f}%")
-    print(f"| algorithm | iterations | test steps | before adaptation | after adaptation |")
-    print(f"| --- | ---: | ---: | ---: | ---: |")
+    print("| algorithm | iterations | test steps | before adaptation | after adaptation |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['name']} | {r['iterations']} | {r['steps']} | {100 * r['pre']:.1f}% | "
               f"{100 * r['acc']:.1f} ± {100 * r['ci']:.1f}% |")

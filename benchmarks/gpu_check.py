@@ -41,14 +41,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from typing import Any
 
 import harness
+import torch
 from harness import random_tasks, sync
+from torch.utils.flop_counter import FlopCounterMode
+
 from maml_func import MAML, EpisodeSampler, TaskBatch, evaluate
 from maml_func.data import ImageClasses
 from maml_func.models import MODELS, build_model
@@ -248,7 +249,8 @@ def variants(report: Report, device: torch.device, quick: bool) -> None:
             compile_s = time.perf_counter() - t0
             ms = 1e3 * statistics.median(timed(lambda: compiled().backward(), device, repeats))
             label = f"torch.compile mode={mode}" + (" (CUDA graphs)" if mode == "reduce-overhead" else "")
-            report.add("variant", f"  {label:34} {ms:8.1f} ms  (compiled in {compile_s:.0f} s)", variant=f"compile-{mode}",
+            report.add("variant", f"  {label:34} {ms:8.1f} ms  (compiled in {compile_s:.0f} s)",
+                       variant=f"compile-{mode}",
                        ms=ms, compile_s=compile_s)
         except Exception as err:  # noqa: BLE001 - reported, not raised
             report.add("variant", f"  torch.compile mode={mode}: FAILED {type(err).__name__}: "

@@ -39,9 +39,9 @@ from torch import Tensor
 from maml_func import TaskBatch
 from maml_func import evaluate as _evaluate
 from maml_func import meta_gradient as _meta_gradient
+from maml_func.batching import Way
 from maml_func.config import TrainConfig, make_config
 from maml_func.evaluate import EvalResult
-from maml_func.batching import Way
 from maml_func.execution import PeakMemory, resident_bytes
 from maml_func.system import ENV as TUNE_MALLOC_ENV
 from maml_func.system import tune_malloc

@@ -41,10 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import harness
+import torch
 from harness import machine_setup, print_setup, run_json_subprocess, set_allocator, sync, write_json_lines
+
 from maml_func import MAML, Conv4
 from maml_func.algorithms import IMAML
 

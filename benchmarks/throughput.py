@@ -68,16 +68,17 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import harness
 import torch
+from harness import machine_setup, print_setup, run_json_subprocess, set_allocator, sync, write_json_lines
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-import harness
-from harness import machine_setup, print_setup, run_json_subprocess, set_allocator, sync, write_json_lines
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size
 from maml_func.execution import ROUNDS, ExecutionPolicy, ways
@@ -109,7 +110,7 @@ class Workload:
     widths: tuple[int, ...] = (64, 160, 320, 640)
 
     @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> "Workload":
+    def from_dict(cls, spec: dict[str, Any]) -> Workload:
         return cls(**{**spec, "widths": tuple(spec.get("widths", cls.widths))})
 
     @property
@@ -241,7 +242,8 @@ class Runner:
         self.i += 1
         self.opt.zero_grad(set_to_none=True)
         if self.policy is not None:  # timed by the policy itself while it searches, as in fit
-            self.policy.run(batch, self.device, lambda way: self.maml.meta_loss(self.meta, batch, way=way)[0].backward())
+            self.policy.run(batch, self.device,
+                            lambda way: self.maml.meta_loss(self.meta, batch, way=way)[0].backward())
         else:
             self.loss_fn(batch).backward()
         self.opt.step()
@@ -259,7 +261,8 @@ class Runner:
         chosen = timings[self.policy.choice]["seconds"]
         extra = sum(ROUNDS * (t["seconds"] - chosen) for t in timings.values() if "seconds" in t)
         return {"choice": self.policy.choice,
-                "search": {k: round(v["seconds"] * 1e3) if "seconds" in v else v["skipped"] for k, v in timings.items()},
+                "search": {k: round(v["seconds"] * 1e3) if "seconds" in v else v["skipped"]
+                           for k, v in timings.items()},
                 "search_memory_mb": {k: v.get("memory_mb") for k, v in timings.items()},
                 "search_cost_pct": 100 * extra / (1000 * chosen)}
 
@@ -454,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # seconds; for the tests
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3; quick 2)")
     p.add_argument("--chunks", type=parse_chunks, default=None,
-                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; quick 4)")
+                   help="explicit chunk_size rows, comma-separated ints or 'all' (default: all on the CPU, 8 on CUDA; "
+                        "quick 4)")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of the standard workloads: 5w-s1-2nd, 5w-s5-2nd, 5w-s1-1st, "
                         "5w-s5-1st, 20w-s1-2nd (default: all); or the miniImageNet-shaped ones, never run by "

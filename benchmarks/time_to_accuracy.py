@@ -35,9 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
-import harness
 from maml_func import ALGORITHMS, evaluate_run, fit
 
 #: The algorithms this script can run: the shared recipes that fit trains as they are.

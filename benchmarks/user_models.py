@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import torch
 import torchvision
 from torch import nn
 
-import harness
 from maml_func import MAML, Conv4, TaskBatch
 
 

@@ -96,7 +96,9 @@ class Way:
         """``"loop"``, ``"vmap"``, ``"chunk=<n>"`` or ``"auto"``: what :meth:`parse` reads back."""
         if not self.vectorize:
             return "loop"
-        return "vmap" if self.chunk_size is None else "auto" if self.chunk_size == "auto" else f"chunk={self.chunk_size}"
+        if self.chunk_size is None or self.chunk_size == "auto":
+            return "vmap" if self.chunk_size is None else "auto"
+        return f"chunk={self.chunk_size}"
 
     @classmethod
     def parse(cls, name: str) -> Way:

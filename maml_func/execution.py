@@ -69,7 +69,7 @@ _CHUNKS = (2, 4, 8)
 
 
 def ways(num_tasks: int) -> list[Way]:
-    """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one ``vmap``."""
+    """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one vmap."""
     chunks = [Way(c) for c in _CHUNKS if c < num_tasks]
     return [LOOP, *chunks, VMAP] if num_tasks > 1 else [VMAP]
 

@@ -221,7 +221,8 @@ def exact_model(model: nn.Module, batch_norm: str = "batch") -> nn.Module:
     Example:
         >>> from torch import nn
         >>> net = exact_model(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)))
-        >>> type(net[1]).__name__, sorted(net.state_dict()) == sorted(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict())
+        >>> plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> type(net[1]).__name__, sorted(net.state_dict()) == sorted(plain.state_dict())
         ('TaskBatchNorm', True)
     """
     if not isinstance(model, nn.Module):
@@ -262,7 +263,7 @@ def stack_per_step(buffers: dict[str, Tensor], names: list[str], steps: int) -> 
 
 
 def at_step(buffers: dict[str, Tensor], names: list[str], step: int) -> dict[str, Tensor]:
-    """The buffers one forward of inner step ``step`` sees: copy ``step`` of the stacked ones (the last past the end)."""
+    """The buffers one forward of inner step ``step`` sees: copy ``step`` of the stacked (the last one past the end)."""
     return {k: v[min(step, v.shape[0] - 1)] if k in names else v for k, v in buffers.items()}
 
 

@@ -23,8 +23,16 @@ from maml_func import checks
 from maml_func.algorithms.base import Algorithm
 from maml_func.atomic import removed_on_failure
 from maml_func.checkpoint import BEST, LAST, Checkpoint, load_meta
-from maml_func.components import (SPLITS, build_algorithm, check_buildable, check_outputs, load_splits,
-                                  resolve_device, rng_scope, task_sampler)
+from maml_func.components import (
+    SPLITS,
+    build_algorithm,
+    check_buildable,
+    check_outputs,
+    load_splits,
+    resolve_device,
+    rng_scope,
+    task_sampler,
+)
 from maml_func.config import TrainConfig
 from maml_func.core import MetaParams
 from maml_func.evaluate import BATCH_SIZE, NUM_TASKS, EvalResult, evaluate

@@ -21,8 +21,8 @@ from maml_func import checks
 from maml_func.algorithms.base import Algorithm
 from maml_func.algorithms.pieces import Metrics, merge_buffers
 from maml_func.batching import Way
-from maml_func.diagnosis import is_out_of_memory
 from maml_func.core import MetaParams
+from maml_func.diagnosis import is_out_of_memory
 from maml_func.distributed import all_reduce_mean, gather_tasks
 from maml_func.state import TrainState
 from maml_func.tasks import TaskBatch

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from maml_func.device import configure_device
+from maml_func import components
 from maml_func.atomic import WriteError, removed_on_failure
 from maml_func.callbacks import Callback, check_callbacks
 from maml_func.checkpoint import LAST, Checkpoint, check_resume
-from maml_func.components import (build_algorithm, check_buildable, check_outputs, load_splits, resolve_device,
-                                  rng_scope, task_sampler)
 from maml_func.config import TrainConfig, object_model_name
+from maml_func.device import configure_device
 from maml_func.distributed import World, agree, init_distributed, rank_seed
 from maml_func.execution import ExecutionPolicy, default_cache_dir
 from maml_func.loop import Run, Step, loop
@@ -139,14 +138,14 @@ def fit(
     if not callable(step):
         raise TypeError(f"fit: step must be a function like maml_func.step.train_step, got {type(step).__name__}")
     config.check_paths()
-    check_buildable(config, model, "fit")
+    components.check_buildable(config, model, "fit")
     me = init_distributed() if config.distributed else World()
     if config.meta_batch % me.size:
         raise ValueError(f"fit: meta_batch={config.meta_batch} does not split evenly over {me.size} ranks; "
                          f"choose a multiple of {me.size} (each rank adapts meta_batch / ranks tasks)")
     if config.val_tasks < me.size:
         raise ValueError(f"fit: val_tasks={config.val_tasks} is fewer than the {me.size} ranks")
-    device = resolve_device(config.device, me)
+    device = components.resolve_device(config.device, me)
     configure_device(device)
     saved = None
     if resume is not None:
@@ -161,16 +160,17 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
     """:func:`fit` once its arguments and run directory are settled: load, build, loop."""
     run_dir = Path(config.save_to).expanduser() if config.save_to is not None else None
     with removed_on_failure(config.data_root):  # a refused run leaves no cache or download behind
-        splits = load_splits(config)
-        sampler, val_sampler = (task_sampler(config, splits, name, device, "fit") for name in ("train", "val"))
+        splits = components.load_splits(config)
+        sampler, val_sampler = (components.task_sampler(config, splits, name, device, "fit")
+                                for name in ("train", "val"))
     if config.channels is None:
         config = config.replace(channels=int(splits["train"].images.shape[2]))
     dtype = getattr(torch, config.dtype)
-    with rng_scope(device):
+    with components.rng_scope(device):
         torch.manual_seed(config.seed)
-        model, algorithm = build_algorithm(config, model=model)
+        model, algorithm = components.build_algorithm(config, model=model)
         model.to(device=device, dtype=dtype)
-        check_outputs(model, sampler, config, dtype, "fit")
+        components.check_outputs(model, sampler, config, dtype, "fit")
         meta = algorithm.init()
         # capturable on CUDA: Adam's step counts live on the device, so the finiteness guard never reads them back.
         optimizer = torch.optim.Adam(algorithm.parameters(meta), lr=config.meta_lr,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import ITERATION, TOL, classification_batch, spread_rates
 from helpers import conv4 as _conv
 from helpers import flat as _flat
 from helpers import meta_grads as _grads
 from helpers import rel_err as _rel
+
 from maml_func import LOOP, MAML, VMAP, TaskBatch, Way, lslr, meta_gradient, multi_step_weights, sgd
 from maml_func.algorithms import adjoint, anil, mamlpp, metasgd
 from maml_func.reference import loop_meta_loss

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import ITERATION, spread_rates
 from helpers import conv4 as _conv
 from helpers import flat as _flat
 from helpers import meta_grads as _meta_grads
 from helpers import rel_err as _rel
+
 from maml_func import (
     ALGORITHMS,
     LOOP,
     MAML,
     MLP,
     Conv4,
-    Reptile,
     MetaLearner,
+    Reptile,
     TaskBatch,
     Way,
     build,

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from torch import nn
 
-from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import LOOP, MAML, VMAP, UnsupportedModelError, Way, build, evaluate_run, exact_model, fit, meta_sgd
 from maml_func.algorithms.pieces import merge_buffers
 from maml_func.normalization import TaskBatchNorm, TaskLayerNorm

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 from PIL import Image
 
-from helpers import SHARED_OMNIGLOT, noise_folder, run, tiny_flags
 from maml_func import LOOP, MAML, Conv4, TaskBatch, Way
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import make_config

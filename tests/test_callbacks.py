@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from _user_models import small_cnn
 from helpers import run
+from torch import nn
+
 from maml_func import Callback, fit
 from maml_func.checkpoint import load_checkpoint
 from maml_func.config import make_config

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_OMNIGLOT, SUMMARY, run, tiny_flags
 
 import maml_func
-from helpers import SHARED_OMNIGLOT, SUMMARY, run, tiny_flags
 from maml_func.checkpoint import load_checkpoint
-from maml_func.cli import main
 from maml_func.config import TrainConfig
 from maml_func.fields import describe_default
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOL, classification_batch, rel_err
 
 import maml_func
-from helpers import TOL, classification_batch, rel_err
 from maml_func import LOOP, MAML, MLP, Conv4, TaskBatchNorm, Way, adapt, combine, sample_sinusoid_tasks, sgd
 from maml_func.reference import loop_meta_grad, loop_task_losses
 
@@ -45,7 +45,8 @@ def test_vmapped_meta_gradient_equals_autograd_loop(net, steps, first_order):
     meta = maml.init()
     loss, metrics = maml.meta_loss(meta, batch)
     got = torch.autograd.grad(loss, list(meta["model"].values()))
-    want = loop_meta_grad(model, meta["model"], batch, inner_lr=lr, steps=steps, first_order=first_order, loss_fn=loss_fn)
+    want = loop_meta_grad(model, meta["model"], batch, inner_lr=lr, steps=steps, first_order=first_order,
+                          loss_fn=loss_fn)
     assert metrics["loss"].shape == (batch.num_tasks,)
     assert all(torch.isfinite(g).all() for g in got)
     assert torch.sqrt(sum((g**2).sum() for g in want)) > 1e-6, "reference gradient is trivially zero"

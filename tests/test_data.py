@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHARED_OMNIGLOT, forbid, serve, snapshot
 from PIL import Image
 
-from helpers import SHARED_OMNIGLOT, forbid, serve, snapshot
-from maml_func.data import ImageClasses, download_omniglot, load_dataset, load_folder, load_omniglot
+from maml_func.data import ImageClasses, download_omniglot, load_dataset, load_folder, load_omniglot, omniglot
 from maml_func.data import folder as folder_module
-from maml_func.data import omniglot
 from maml_func.tasks import EpisodeSampler
 
 # A tiny Omniglot: (alphabets, characters) per part, 20 drawings each, like the real one.
@@ -384,7 +383,8 @@ def test_load_dataset_folder_presplit_and_bad_arguments(tmp_path: Path) -> None:
         load_dataset(tree, root=tmp_path / "cache")
     with pytest.raises(ValueError, match=r"download applies to a named dataset only \(omniglot, miniimagenet"):
         load_dataset(tree, root=tmp_path / "cache", download=True)
-    with pytest.raises(FileNotFoundError, match=r"neither a named dataset \(omniglot, miniimagenet, .*\) nor an existing folder"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"neither a named dataset \(omniglot, miniimagenet, .*\) nor an existing folder"):
         load_dataset("omniglott", root=tmp_path / "cache")
     few = write_tree(tmp_path / "few", {"a": 2, "b": 2})
     with pytest.raises(ValueError, match="at least 3"):

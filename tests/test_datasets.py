@@ -16,15 +16,14 @@ import pickle
 import re
 import tarfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import forbid, run, serve, snapshot
 from PIL import Image
 
-from helpers import forbid, run, serve, snapshot
 from maml_func.checkpoint import load_checkpoint
 from maml_func.cli import _offline_hint
 from maml_func.config import make_config

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _dist_worker import equivalence_run
 from helpers import REPO, assert_same_meta, tiny
+
 from maml_func import Conv4
 from maml_func.distributed import World, gather_tasks, rank_seed, shard_sizes, world
 from maml_func.train import fit
@@ -51,7 +51,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT) -> li
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"rank {procs.index(p)} still running after {timeout} s")
+            raise AssertionError(f"rank {procs.index(p)} still running after {timeout} s") from None
         results.append((p.returncode, err))
     return results
 

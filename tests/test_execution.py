@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from torch import nn
 
-from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from maml_func import MAML, Callback, build, fit
 from maml_func.batching import Way
 from maml_func.execution import ROUNDS, ExecutionPolicy, setup_key, ways

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, hessian
-
 from helpers import flat as _flat
 from helpers import rel_err as _rel
+from torch.func import functional_call, hessian
+
 from maml_func import LOOP, MLP, VMAP, Way, build, meta_sgd, sample_sinusoid_tasks, sgd
 from maml_func.algorithms import IMAML, conjugate_gradient
 
@@ -89,8 +89,8 @@ def test_conjugate_gradient_solves_a_positive_definite_system():
 
 
 def test_registered_and_reachable_from_a_config():
-    from maml_func.config import TrainConfig
     from maml_func.components import build_algorithm
+    from maml_func.config import TrainConfig
 
     config = TrainConfig(algorithm="imaml", algorithm_options={"lam": 0.5, "cg_steps": 3}, inner_steps=4,
                          hidden=8, image_size=28)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOL, classification_batch, rel_err
 from torch.func import functional_call, vmap
 
-from helpers import TOL, classification_batch, rel_err
 from maml_func import MAML, VMAP, build
+from maml_func.components import build_algorithm
 from maml_func.config import make_config
 from maml_func.data import ImageClasses
 from maml_func.evaluate import evaluate
 from maml_func.models import DropBlock, ResNet12, build_model
 from maml_func.reference import loop_meta_grad
-from maml_func.components import build_algorithm
 from maml_func.tasks import EpisodeSampler, TaskBatch, crop_and_flip
 
 WIDTHS = (4, 6, 8, 8)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import noise_folder, run, tiny_flags
 from tensorboard.backend.event_processing import event_accumulator
 
 from maml_func.callbacks import check_callbacks
 from maml_func.tensorboard import TensorBoard, scalars
-from helpers import noise_folder, run, tiny_flags
 
 
 @pytest.fixture(scope="module")

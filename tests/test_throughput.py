@@ -20,8 +20,8 @@ from types import ModuleType
 
 import pytest
 import torch
-
 from helpers import rel_err
+
 from maml_func import MAML, Conv4, TaskBatch
 from maml_func.batching import auto_chunk_size, tasks_channels_last
 from maml_func.reference import loop_meta_loss
@@ -154,7 +154,8 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
         assert r["method"] in printed
 
     curve = [r for r in lines if r["kind"] == "memory"]
-    assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("tasks_per_backward", 1), ("tasks_per_backward", 2)]
+    assert [(c["mode"], c["chunk"]) for c in curve] == [("chunk_size", 1), ("chunk_size", 2), ("tasks_per_backward", 1),
+                                                        ("tasks_per_backward", 2)]
     assert all(c["peak_bytes"] > 0 and "error" not in c for c in curve)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import SHARED_OMNIGLOT, assert_same_meta, make_glyph_folder, tiny
+
 from maml_func import step as step_module
 from maml_func.atomic import remove_stale_temporaries
 from maml_func.checkpoint import load_checkpoint, save_checkpoint

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import REPO, SUMMARY, run, tiny_flags
 from torch import nn
 
-from helpers import REPO, SUMMARY, run, tiny_flags
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
+from maml_func.components import build_algorithm, build_network
 from maml_func.config import TrainConfig, make_config
 from maml_func.normalization import BATCH_NORM_POLICIES
-from maml_func.components import build_algorithm, build_network
 
 TESTS = Path(__file__).resolve().parent
 SMALL_CNN = "_user_models:small_cnn"

@@ -22,9 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 from maml_func import checks
-from maml_func.algorithms.pieces import (
-    LOSSES, Metrics, init_meta, meta_buffers, meta_parameters, resolve_rule, score,
-)
+from maml_func.algorithms.pieces import LOSSES, Metrics, init_meta, meta_buffers, meta_parameters, resolve_rule, score
 from maml_func.batching import Way, map_tasks, stack_metrics
 from maml_func.core import MetaParams, Params
 from maml_func.inner import InnerRule

@@ -28,8 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maml_func.data._files import (check_counts, check_md5, describe, load_release, place_archive, read_pickle,
-                                   tar_members)
+from maml_func.data._files import (
+    check_counts,
+    check_md5,
+    describe,
+    load_release,
+    place_archive,
+    read_pickle,
+    tar_members,
+)
 from maml_func.data._io import SPLITS, resize_images, stack_classes
 from maml_func.data.classes import ImageClasses
 

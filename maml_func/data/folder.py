@@ -129,7 +129,8 @@ def _scan(root: Path, skip_bad_files: bool) -> list[tuple[str, list[Path]]]:
     if empty:
         message = f"load_folder: {len(empty)} class folder(s) hold no images: {empty[:3]}"
         if not skip_bad_files:
-            raise ValueError(f"{message}; add images or remove them (or pass skip_bad_files=True, --skip-bad-files on the command line, to skip them)")
+            raise ValueError(f"{message}; add images or remove them (or pass skip_bad_files=True, --skip-bad-files on "
+                             "the command line, to skip them)")
         warnings.warn(f"{message}; skipped", stacklevel=3)
     if not classes:
         raise ValueError(f"load_folder: {root} holds no class folders with images; {_LAYOUT_HELP}")
@@ -162,7 +163,8 @@ def _decode(
                 image, is_color = decode_image(file, image_size, mode)
             except Exception as exc:  # noqa: BLE001 - PIL fails in many ways on a bad file; all mean "not an image"
                 if not skip_bad_files:
-                    raise ValueError(f"load_folder: {file} is not a readable image ({type(exc).__name__}: {checks.brief(exc)}); "
+                    raise ValueError(f"load_folder: {file} is not a readable image "
+                                     f"({type(exc).__name__}: {checks.brief(exc)}); "
                                      "delete or move it, or pass skip_bad_files=True (--skip-bad-files on the "
                                      "command line) to skip such files with a warning") from exc
                 bad.append(str(file))

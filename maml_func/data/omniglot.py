@@ -244,7 +244,8 @@ def _characters(location: Path, part: str) -> _Characters:
             with zipfile.ZipFile(location) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile as exc:
-            raise ValueError(f"Omniglot: {location} is not a readable zip archive ({checks.brief(exc)}); re-download it "
+            raise ValueError(f"Omniglot: {location} is not a readable zip archive ({checks.brief(exc)}); "
+                             "re-download it "
                              "(download=True into an empty root) or point source at a good copy") from exc
         for name in names:
             bits = name.split("/")
@@ -281,7 +282,8 @@ def _decode(parts: list[tuple[Path, _Characters]], image_size: int) -> ImageClas
                         data = archive.read(file) if archive is not None else Path(file).read_bytes()
                         images[row, j], _ = decode_image(data, image_size, "L", invert=True)
                     except Exception as exc:  # noqa: BLE001 - PIL and zipfile fail in many ways; name the file
-                        raise ValueError(f"Omniglot: cannot decode {file} in {location} ({checks.brief(exc)}); the copy is "
+                        raise ValueError(f"Omniglot: cannot decode {file} in {location} ({checks.brief(exc)}); "
+                                         "the copy is "
                                          "damaged, re-download it or point source at a good copy") from exc
                 names.append(name)
     return ImageClasses(images, torch.full((n_classes,), _DRAWINGS, dtype=torch.int64), names)
