@@ -250,7 +250,7 @@ def _sinusoid_demo(iterations: int, seed: int) -> tuple[list[float], list[float]
 
     def query_mse() -> list[float]:
         with torch.no_grad():
-            return maml.evaluate(meta, test, steps=10)["loss"].mean(0).tolist()
+            return maml.scores(meta, test, steps=10)["loss"].mean(0).tolist()
 
     before = query_mse()
     for _ in range(iterations):

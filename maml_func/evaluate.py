@@ -177,7 +177,7 @@ def evaluate(
                 shape = _task_shape(batch)
             if batch.x_support.dtype != dtype:
                 batch = batch.to(dtype=dtype)
-            scores = algorithm.evaluate(meta, batch, steps=steps, way=way)
+            scores = algorithm.scores(meta, batch, steps=steps, way=way)
             if "accuracy" not in scores:
                 raise ValueError("evaluate: the algorithm reports no accuracy; evaluate() is for classification "
                                  "(loss='cross_entropy')")

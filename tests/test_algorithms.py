@@ -122,7 +122,7 @@ def test_evaluate_shapes_and_vmap_equals_loop(name):
     algo = build(name, model, **options)
     meta = algo.init()
     with torch.no_grad():
-        out_v, out_l = algo.evaluate(meta, batch, steps=4, way=Way()), algo.evaluate(meta, batch, steps=4, way=LOOP)
+        out_v, out_l = algo.scores(meta, batch, steps=4, way=Way()), algo.scores(meta, batch, steps=4, way=LOOP)
     assert out_v["loss"].shape == out_v["accuracy"].shape == (TASKS, 5)
     assert torch.allclose(out_v["loss"], out_l["loss"], rtol=1e-12, atol=0)
     assert torch.equal(out_v["accuracy"], out_l["accuracy"])
@@ -321,6 +321,6 @@ def test_meta_learns_the_sinusoid_family(name):
         opt.step()
     test = sample_sinusoid_tasks(200, generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
-        curve = algo.evaluate(meta, test, steps=eval_steps)["loss"].mean(0)
+        curve = algo.scores(meta, test, steps=eval_steps)["loss"].mean(0)
     pre, post = curve[0].item(), curve[-1].item()
     assert post < pre / 3, (pre, post)

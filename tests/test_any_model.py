@@ -221,7 +221,7 @@ def test_running_statistics_follow_the_documented_rule_and_normalize_in_eval_mod
     assert int(new["1.num_batches_tracked"]) == 3
     meta["buffers"].update(new)
     algo.model.eval()
-    got = algo.evaluate(meta, batch, steps=0)["loss"][:, 0]
+    got = algo.scores(meta, batch, steps=0)["loss"][:, 0]
     bn = algo.model[1]
     want = [F.cross_entropy(F.linear((xq.flatten(1) - new["1.running_mean"]) / (new["1.running_var"] + bn.eps).sqrt()
                                      * meta["model"]["1.weight"] + meta["model"]["1.bias"],
@@ -280,7 +280,7 @@ def test_dropout_trains_vectorized_with_a_draw_per_task_and_repeats_under_a_seed
     torch.manual_seed(1)
     assert torch.equal(first, algo.meta_loss(meta, batch, way=VMAP)[1]["loss"])
     model.eval()
-    evaluated = [algo.evaluate(meta, batch, way=VMAP)["loss"] for _ in range(2)]
+    evaluated = [algo.scores(meta, batch, way=VMAP)["loss"] for _ in range(2)]
     assert torch.equal(*evaluated)
 
 
@@ -349,7 +349,7 @@ def test_per_step_statistics_keep_one_copy_per_inner_step():
     assert new["1.num_batches_tracked"].tolist() == [1, 2]
     meta["buffers"].update(new)
     algo.model.eval()
-    evaluated = algo.evaluate(meta, batch, steps=3)["loss"]
+    evaluated = algo.scores(meta, batch, steps=3)["loss"]
     assert evaluated.shape == (3, 4) and torch.isfinite(evaluated).all()
     with pytest.raises(ValueError, match="per_step' runs with backprop='unroll' only"):
         MAML(model, batch_norm="per_step", backprop="adjoint")

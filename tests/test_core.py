@@ -99,7 +99,7 @@ def test_evaluate_reports_every_step_and_step_zero_is_unadapted():
     maml = MAML(model, inner_lr=lr, inner_steps=1, loss=loss_name)
     meta = maml.init()
     with torch.no_grad():
-        result = maml.evaluate(meta, batch, steps=3)
+        result = maml.scores(meta, batch, steps=3)
     assert result["loss"].shape == result["accuracy"].shape == (batch.num_tasks, 4)
     unadapted = loop_task_losses(model, meta["model"], batch, inner_lr=lr, steps=0, loss_fn=loss_fn)
     assert torch.allclose(result["loss"][:, 0], unadapted, rtol=1e-12, atol=0)
@@ -127,7 +127,7 @@ def test_maml_meta_learns_sinusoids():
         opt.step()
     test_batch = sample_sinusoid_tasks(200, 10, 50, generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        mse = maml.evaluate(meta, test_batch, steps=10)["loss"].mean(0)
+        mse = maml.scores(meta, test_batch, steps=10)["loss"].mean(0)
     assert mse[0] > 5 * mse[10], f"pre-adaptation MSE {mse[0]:.3f} vs after 10 steps {mse[10]:.3f}"
     assert mse[10] < 0.6
 

@@ -44,7 +44,7 @@ def test_accuracy_and_ci_match_the_protocol(sampler: EpisodeSampler) -> None:
     # The same tasks by hand: one generator, batches of 4, 4 and 2.
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        acc = torch.cat([algo.evaluate(meta, sampler.sample(t, g), steps=2)["accuracy"] for t in (4, 4, 2)]).double()
+        acc = torch.cat([algo.scores(meta, sampler.sample(t, g), steps=2)["accuracy"] for t in (4, 4, 2)]).double()
     assert acc.shape == (10, 3)
     assert result.accuracy == pytest.approx(acc.mean(0).tolist(), abs=1e-12)
     expected_ci = [1.96 * acc[:, s].std(correction=0).item() / math.sqrt(10) for s in range(3)]

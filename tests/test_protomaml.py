@@ -104,7 +104,7 @@ def test_before_any_step_it_is_the_prototypical_network():
     algo = ProtoMAML(model, inner_lr=LR)
     meta = algo.init()
     with torch.no_grad():
-        accuracy = algo.evaluate(meta, batch, steps=1)["accuracy"][:, 0]
+        accuracy = algo.scores(meta, batch, steps=1)["accuracy"][:, 0]
         want = []
         for xs, ys, xq, yq in zip(*batch):
             z, q = _embeddings(model, meta["model"], xs), _embeddings(model, meta["model"], xq)

@@ -3,7 +3,7 @@
 Every algorithm has the interface of :class:`Algorithm` and is a
 :class:`MetaLearner` (:mod:`maml_func.algorithms.base`): the options every
 algorithm has, declared once, and the shared ``init``, ``adapt``,
-``trajectory``, ``meta_loss`` and ``evaluate``. An algorithm module states only
+``trajectory``, ``meta_loss`` and ``scores``. An algorithm module states only
 what is new, from the pieces of :mod:`maml_func.algorithms.pieces`:
 :class:`MAML` its inner loop and query objective (first-order MAML, ANIL,
 Meta-SGD and MAML++ are MAML with an option or an inner rule set,

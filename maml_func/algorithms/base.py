@@ -6,7 +6,7 @@ rely on, and nothing else. :class:`MetaLearner` is the one implementation of
 what the algorithms share: the options every one of them has (declared here
 once, with their checks and docs), the meta-parameters, the inner loop's
 ``trajectory`` and ``adapt``, and the batching of the per-task function over a
-meta-batch (``meta_loss``, ``evaluate``), run the :class:`~maml_func.batching.Way`
+meta-batch (``meta_loss``, ``scores``), run the :class:`~maml_func.batching.Way`
 the caller gives. An algorithm subclasses it and states only what is new: its
 own options, :meth:`MetaLearner._path` (the inner loop of one task) and
 :meth:`MetaLearner.task_metrics` (one task's meta-objective), from the pieces
@@ -69,9 +69,10 @@ class Algorithm(Protocol):
                   way: Way | None = None) -> tuple[Tensor, Metrics]:
         """``(loss [], per-task metrics [T])``; ``loss.backward()`` gives the meta-gradient."""
 
-    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
-                 way: Way | None = None) -> Metrics:
-        """Query metrics after each of 0..``steps`` inner updates, ``[T, steps + 1]``."""
+    def scores(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
+               way: Way | None = None) -> Metrics:
+        """Query metrics after each of 0..``steps`` inner updates, ``[T, steps + 1]`` (what the evaluation protocol
+        of :func:`maml_func.evaluate.evaluate` averages)."""
 
     #: ``adapt(meta, x_support, y_support, steps=None) -> Params``: params adapted to one task's support set
     #: (written once, by :class:`MetaLearner`).
@@ -107,7 +108,7 @@ class MetaLearner:
             the rules. An algorithm may allow fewer.
 
     How the tasks of a meta-batch run (one ``vmap``, chunks, a loop) is not an
-    option of the algorithm: ``meta_loss`` and ``evaluate`` take the
+    option of the algorithm: ``meta_loss`` and ``scores`` take the
     :class:`~maml_func.batching.Way` (``way=``), which the execution policy
     (:mod:`maml_func.execution`) picks by timing.
     """
@@ -239,9 +240,9 @@ class MetaLearner:
         metrics = self._map(fn, meta, batch, way, self._randomness())
         return metrics[self.objective].mean(), metrics
 
-    def evaluate(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
-                 way: Way | None = None) -> Metrics:
-        """Query loss and accuracy after each of 0..``steps`` inner updates.
+    def scores(self, meta: MetaParams, batch: TaskBatch, steps: int | None = None, *,
+               way: Way | None = None) -> Metrics:
+        """Query loss and accuracy after each of 0..``steps`` inner updates, per task.
 
         Every point of the path is scored with the meta-buffers (in eval mode
         the running statistics; the support forwards of the path leave them
