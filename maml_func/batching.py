@@ -109,12 +109,12 @@ class Way:
             raise ValueError(f"Way.parse: unknown way {name!r}; use 'loop', 'vmap', 'auto' or 'chunk=<tasks>'")
         return cls(int(name.removeprefix("chunk=")))
 
-    def tasks_per_call(self, num_tasks: int, batch: TaskBatch | None = None) -> int:
-        """How many of ``num_tasks`` tasks one call of the per-task function batches (1 for the loop)."""
+    def tasks_per_call(self, num_tasks: int) -> int:
+        """How many of ``num_tasks`` tasks one call of the per-task function batches (1 for the loop; ``"auto"``
+        counts as one ``vmap``, its chunks depending on the batch's bytes)."""
         if not self.vectorize:
             return 1
-        chunk = auto_chunk_size(batch) if self.chunk_size == "auto" and batch is not None else self.chunk_size
-        return num_tasks if chunk in (None, "auto") else min(int(chunk), num_tasks)
+        return num_tasks if self.chunk_size in (None, "auto") else min(int(self.chunk_size), num_tasks)
 
 
 #: One ``vmap`` over the whole meta-batch.

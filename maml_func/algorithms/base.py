@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from maml_func import checks
 from maml_func.algorithms.pieces import LOSSES, Metrics, init_meta, meta_buffers, meta_parameters, resolve_rule, score
-from maml_func.batching import Way, map_tasks, stack_metrics
+from maml_func.batching import TaskFn, Way, map_tasks, stack_metrics
 from maml_func.core import MetaParams, Params
 from maml_func.inner import InnerRule
 from maml_func.normalization import BATCH_NORM_POLICIES, at_step, exact_model, running_statistics, stack_per_step
@@ -212,7 +212,7 @@ class MetaLearner:
         """``vmap``'s randomness for ``meta_loss``: random layers draw per task."""
         return "different"
 
-    def _map(self, fn: Any, meta: MetaParams, batch: TaskBatch, way: Way | None, randomness: str = "different"
+    def _map(self, fn: TaskFn, meta: MetaParams, batch: TaskBatch, way: Way | None, randomness: str = "different"
              ) -> Metrics:
         return map_tasks(fn, meta, batch, way=way, caller=type(self).__name__, model=self.model,
                          randomness=randomness)
