@@ -13,7 +13,7 @@ installed library.
 - **How the tasks of a meta-batch run** (``chunk_size``, ``vectorize``):
   :func:`meta_loss`, :func:`meta_gradient` and :func:`evaluate`. Every
   benchmark that chooses the way passes it through these three, and only they
-  know how the library takes it (:func:`_way`).
+  know how the library takes it (a :class:`~maml_func.batching.Way`).
 - **Recipes**: :data:`RECIPES`, the one table of per-algorithm Omniglot
   5-way 1-shot settings that ``algorithms_omniglot.py`` and
   ``time_to_accuracy.py`` both read (:func:`recipe_config`).
@@ -187,15 +187,10 @@ def run_json_subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- how the tasks run
 # chunk_size: tasks per vmap call ("auto": the library's rule for the device, None: the whole meta-batch);
 # vectorize=False: a Python loop over the tasks. The same meta-gradient up to rounding every way.
-def _way(chunk_size: int | str | None, vectorize: bool) -> Way:
-    """The library's :class:`~maml_func.batching.Way` for these settings (``way=`` of meta_loss and evaluate)."""
-    return Way(chunk_size, vectorize)
-
-
 def meta_loss(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
               chunk_size: int | str | None = "auto", vectorize: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """``algorithm.meta_loss(meta, batch, iteration)`` with the tasks run this way."""
-    return algorithm.meta_loss(meta, batch, iteration, way=_way(chunk_size, vectorize))
+    return algorithm.meta_loss(meta, batch, iteration, way=Way(chunk_size, vectorize))
 
 
 def meta_gradient(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
@@ -203,13 +198,13 @@ def meta_gradient(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iterat
                   tasks_per_backward: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`maml_func.meta_gradient` (fills ``.grad``) with the tasks run this way."""
     return _meta_gradient(algorithm, meta, batch, iteration, tasks_per_backward=tasks_per_backward,
-                          way=_way(chunk_size, vectorize))
+                          way=Way(chunk_size, vectorize))
 
 
 def evaluate(algorithm: Any, meta: dict[str, Any], sampler: Any, *, chunk_size: int | str | None = "auto",
              vectorize: bool = True, **options: Any) -> EvalResult:
     """:func:`maml_func.evaluate` (``options``: ``num_tasks``, ``steps``, ...) with the tasks run this way."""
-    return _evaluate(algorithm, meta, sampler, way=_way(chunk_size, vectorize), **options)
+    return _evaluate(algorithm, meta, sampler, way=Way(chunk_size, vectorize), **options)
 
 
 # ----------------------------------------------------------------------------- recipes

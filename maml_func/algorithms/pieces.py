@@ -2,8 +2,8 @@
 
 - the objective of one task's model output, :func:`task_loss`, and the one
   per-task call of the model with its buffers threaded through
-  (:func:`maml_func.core.apply_model`): :func:`model_loss`, :func:`score`,
-  :func:`score_path`; a task's final buffers travel in its metrics
+  (:func:`maml_func.core.apply_model`): :func:`model_loss`, :func:`score`; a
+  task's final buffers travel in its metrics
   (:func:`with_buffers`) and :func:`merge_buffers` turns the meta-batch's into
   the next meta-buffers;
 - meta-parameters: :func:`init_meta`, :func:`meta_parameters`,
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maml_func import checks
-from maml_func.batching import stack_metrics
 from maml_func.core import MetaParams, Params, accuracy, apply_model, params_and_buffers
 from maml_func.inner import InnerRule, sgd
 from maml_func.models import DropBlock
@@ -44,7 +42,6 @@ __all__ = [
     "random_layers",
     "resolve_rule",
     "score",
-    "score_path",
     "task_loss",
     "with_buffers",
 ]
@@ -92,11 +89,6 @@ def score(model: nn.Module, params: Params, buffers: Params, x: Tensor, y: Tenso
     if loss == "cross_entropy":
         metrics["accuracy"] = accuracy(out, y)
     return metrics, buffers
-
-
-def score_path(model: nn.Module, path: Sequence[Params], buffers: Params, x: Tensor, y: Tensor, loss: str) -> Metrics:
-    """:func:`score` of every params along an inner-loop path with the same ``buffers``, stacked: ``[len(path)]``."""
-    return stack_metrics([score(model, p, buffers, x, y, loss)[0] for p in path])
 
 
 def with_buffers(metrics: Metrics, buffers: Params) -> Metrics:
