@@ -79,7 +79,7 @@ from harness import machine_setup, print_setup, run_json_subprocess, set_allocat
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from maml_func import MAML, Conv4, TaskBatch
+from maml_func import MAML, Conv4, TaskBatch, meta_gradient
 from maml_func.batching import auto_chunk_size
 from maml_func.execution import ROUNDS, ExecutionPolicy, ways
 from maml_func.models import ResNet12
@@ -198,18 +198,27 @@ class Method:
 
 
 class Runner:
-    """Model, meta-parameters, optimizer and batches for one (workload, method)."""
+    """Model, meta-parameters, optimizer and batches for one (workload, method).
+
+    ``backward``: ``"per-call"`` (default) differentiates each call of the per-task function on its own, as
+    the execution policy runs its candidates (each task of a loop, each chunk; one ``vmap`` is one call), so
+    only one call's graph is alive at a time; ``"whole"``: one backward for the meta-batch (the tables before
+    2026-12-07 10:00 UTC). The compiled row is always ``"whole"``.
+    """
 
     def __init__(self, wl: Workload, method: Method, batches: list[TaskBatch], device: torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0, backward: str = "per-call") -> None:
         torch.manual_seed(seed)
         self.wl, self.method, self.batches, self.device = wl, method, batches, device
+        self.per_call = backward == "per-call" and method.kind != "compiled"
         self.model = wl.build_model().to(device)
         self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order)
         # How this row runs its tasks (harness.meta_loss); the policy's row chooses for itself.
         self.way: dict[str, Any] = {"chunk_size": "auto" if method.kind == "lib-loop" else method.chunk,
                                     "vectorize": method.kind != "lib-loop"}
-        self.policy = ExecutionPolicy("auto") if method.kind == "policy" else None
+        # "whole": the policy told so (its tasks_per_backward = the meta-batch: one backward).
+        self.policy = (ExecutionPolicy("auto", tasks_per_backward=None if self.per_call else wl.meta_batch)
+                       if method.kind == "policy" else None)
         self.meta = self.maml.init()
         self.opt = torch.optim.Adam(self.maml.parameters(self.meta), lr=1e-3)
         self.i = 0
@@ -225,6 +234,15 @@ class Runner:
             if method.kind == "compiled":
                 loss_fn = torch.compile(loss_fn)
         self.loss_fn = loss_fn
+
+    def way_name(self) -> str | None:
+        """The execution policy's name of this row's way (``loop``, ``chunk=4``, ``vmap``); ``None``: not one."""
+        if self.method.kind == "lib-loop":
+            return "loop"
+        if self.method.kind != "vmap" or self.method.chunk == "auto":
+            return None
+        return "vmap" if self.method.chunk is None or self.method.chunk >= self.wl.meta_batch else \
+            f"chunk={self.method.chunk}"
 
     def resolved_chunk(self) -> str:
         """What ``chunk_size`` the vectorized path really used for this batch (the policy: its choice)."""
@@ -242,10 +260,18 @@ class Runner:
         self.i += 1
         self.opt.zero_grad(set_to_none=True)
         if self.policy is not None:  # timed by the policy itself while it searches, as in fit
-            self.policy.run(batch, self.device,
-                            lambda way: self.maml.meta_loss(self.meta, batch, way=way)[0].backward())
-        else:
+            self.policy.run(batch, self.device, lambda way, per_backward: meta_gradient(
+                self.maml, self.meta, batch, 0, way=way, tasks_per_backward=per_backward))
+        elif not self.per_call:
             self.loss_fn(batch).backward()
+        elif self.method.kind == "loop":  # as learn2learn's examples do: each task's loss differentiated alone
+            for task in batch.split(1):
+                (self.loss_fn(task) / batch.num_tasks).backward()
+        else:  # one backward per call of the way: per task of the loop, per chunk
+            chunk = self.way["chunk_size"]
+            chunk = auto_chunk_size(batch) if chunk == "auto" else chunk
+            per_call = 1 if not self.way["vectorize"] else chunk
+            harness.meta_gradient(self.maml, self.meta, batch, 0, tasks_per_backward=per_call, **self.way)
         self.opt.step()
 
     def search(self) -> dict[str, Any]:
@@ -327,7 +353,7 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     wl = Workload.from_dict(spec["workload"])
     method = Method(spec["kind"], spec["chunk"])  # kinds vmap, loop, lib-loop
     batches = make_batches(wl, 1, device, None, seed=0)
-    runner = Runner(wl, method, batches, device)
+    runner = Runner(wl, method, batches, device, backward=spec.get("backward", "per-call"))
     split = spec.get("split")
 
     def iterations() -> None:
@@ -371,11 +397,17 @@ def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]
 def time_rows(runners: list[Runner], repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """Warm every row up, then ``repeats`` rounds; each round runs every row once, starting at a rotating row."""
     stats: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}  # way -> why the policy's search skipped it (it would not fit in memory)
     for r in runners:
         entry: dict[str, Any] = {"times": [], "faults": [], "error": None}
+        if r.way_name() in skipped:  # the policy found it would not fit: running it could get the process killed
+            entry["error"] = f"skipped as in the policy's search: {skipped[r.way_name()]}"
+            stats.append(entry)
+            continue
         try:
             if getattr(r, "policy", None) is not None:
                 entry["search"] = r.search()  # the policy's warm-up is its search
+                skipped.update({k: v["skipped"] for k, v in r.policy.timings.items() if "skipped" in v})
             sync(device)
             t0 = time.perf_counter()
             r.step()  # the compiled row compiles here
@@ -475,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunk_size points of the memory curve (default 1,2,4,8,16,32)")
     p.add_argument("--split-chunks", type=parse_chunks, default=None,
                    help="tasks_per_backward values of the memory curve (default 1,2,4,8,16,32)")
+    p.add_argument("--backward", choices=("per-call", "whole"), default="per-call",
+                   help="'per-call' (default): every row differentiates each call of its way on its own (each "
+                        "task of a loop, each chunk), as the execution policy runs its candidates; 'whole': one "
+                        "backward for the meta-batch")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--malloc", choices=("tuned", "glibc"), default="tuned",
                    help="'tuned' (default): glibc keeps freed memory, as maml_func sets it up on the CPU, for "
@@ -537,6 +573,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "data": data_note,
         "model": "; ".join(dict.fromkeys(w.describe() for w in workloads)),
         "inner": "SGD; outer Adam 1e-3; one iteration = meta-loss + backward + Adam step",
+        "backward": {"per-call": "one per call of each row's way (per task of a loop, per chunk), as the policy runs",
+                     "whole": "one for the whole meta-batch"}[args.backward],
         "workloads": [w.name + f" ({w.n_query} queries/class)" for w in workloads],
         "repeats": repeats,
         "matmul_gflop_per_s": matmul / 1e9,
@@ -554,7 +592,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if compile_mode == "all" or (compile_mode == "first" and wi == 0):
             # One vmap over the whole meta-batch: the smallest graph to compile (chunks would be unrolled).
             methods.append(Method("compiled", None))
-        runners = [Runner(wl, m, batches, device) for m in methods]
+        runners = [Runner(wl, m, batches, device, backward=args.backward) for m in methods]
         flops = count_flops(runners[1])
         stats = time_rows(runners, repeats, device)
         loop_median = statistics.median(stats[1]["times"]) if stats[1]["times"] else math.nan
@@ -593,7 +631,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 continue
             kind, chunk = memory_kind(row)
             spec = {"device": str(device), "workload": row["config"], "kind": kind, "chunk": chunk,
-                    "malloc": args.malloc, "threads": args.threads}
+                    "malloc": args.malloc, "threads": args.threads, "backward": args.backward}
             row["memory"] = measure_memory(spec, device)
         print(f"[{time.perf_counter() - start:5.0f} s] memory of the rows probed", flush=True)
 
@@ -614,7 +652,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     continue
                 spec = {"device": str(device), "workload": asdict(base), "kind": "vmap",
                         "chunk": c if mode == "chunk_size" else "auto",
-                        "split": c if mode == "tasks_per_backward" else None,
+                        "split": c if mode == "tasks_per_backward" else None, "backward": "whole",
                         "malloc": args.malloc, "threads": args.threads}
                 mem = measure_memory(spec, device)
                 curve.append({"kind": "memory", "workload": base.name, "mode": mode, "chunk": c, **mem})

@@ -25,6 +25,15 @@ keeps the fastest for the rest of the run:
   before the search, which an allocator that keeps freed memory makes the
   honest measure; on CUDA the peak allocation), and never one over
   ``max_memory_mb`` when that is set;
+- one backward per call: unless the run asks for its own
+  ``tasks_per_backward``, each candidate differentiates each call of the
+  per-task function on its own (each task of the loop, each chunk) and sums
+  the gradients, so the autograd graph of one call is alive at a time and a
+  candidate's memory grows with its tasks per call, not with the meta-batch.
+  It costs no time (each call's backward is the same work; measured within
+  noise at Omniglot and miniImageNet shapes, ``benchmarks/README.md``), and it
+  is what lets a meta-batch of 32 miniImageNet tasks train where the graphs of
+  all 32 would not fit;
 - the choice and the timings are one line of the run's log and part of its
   checkpoint (``--resume`` keeps the choice and does not search again), and
   are cached per device, task shapes, model and algorithm
@@ -32,7 +41,8 @@ keeps the fastest for the rest of the run:
   the cache off), so a second run of the same set-up starts with the choice.
 
 ``"vmap"`` and ``"loop"`` skip the search (the policy's ``chunk_size``
-applies to ``"vmap"``).
+applies to ``"vmap"``) and run one backward per ``tasks_per_backward`` tasks
+(``None``: one for the meta-batch).
 """
 
 from __future__ import annotations
@@ -146,19 +156,29 @@ class ExecutionPolicy:
             by more than this many MiB in its timed iteration (the loop stays
             a candidate whatever it needs); ``None``: no limit.
         cache_dir: where choices are remembered per set-up; ``None``: no cache.
+        tasks_per_backward: one backward per this many tasks, whatever the
+            way (:func:`maml_func.step.meta_gradient`); ``None`` (default): with
+            ``"auto"``, one backward per call of the way (per task of the
+            loop, per chunk); with ``"vmap"`` and ``"loop"``, one backward for
+            the whole meta-batch.
 
     Example:
         >>> policy = ExecutionPolicy("loop")
         >>> policy.way(32).name, policy.searching
         ('loop', False)
+        >>> ExecutionPolicy("auto").tasks_per_backward_for(Way(4), 32)   # one backward per chunk of 4
+        4
     """
 
     def __init__(self, mode: str = "auto", *, chunk_size: int | str | None = None,
-                 max_memory_mb: float | None = None, cache_dir: str | Path | None = None) -> None:
+                 max_memory_mb: float | None = None, cache_dir: str | Path | None = None,
+                 tasks_per_backward: int | None = None) -> None:
         self.mode = checks.choice("ExecutionPolicy", "mode", mode, EXECUTIONS)
         self.chunk_size = check_chunk_size("ExecutionPolicy", chunk_size)
         self.max_memory_mb = checks.number("ExecutionPolicy", "max_memory_mb", max_memory_mb, positive=True,
                                            none_ok=True)
+        self.tasks_per_backward = checks.integer("ExecutionPolicy", "tasks_per_backward", tasks_per_backward,
+                                                 minimum=1, none_ok=True, expect="a positive int or None")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.choice: str | None = None
         self.timings: dict[str, dict[str, Any]] = {}  # way -> {"runs": n, "seconds": s, "memory_mb": m}
@@ -182,6 +202,13 @@ class ExecutionPolicy:
             return way
         self.choice = self._choose()
         return Way.parse(self.choice)
+
+    def tasks_per_backward_for(self, way: Way, num_tasks: int) -> int | None:
+        """Tasks per backward when ``num_tasks`` tasks run ``way`` (``None``: one backward for all of them)."""
+        if self.tasks_per_backward is not None or self.mode != "auto":
+            return self.tasks_per_backward
+        per_call = way.tasks_per_call(num_tasks)
+        return None if per_call >= num_tasks else per_call
 
     def _untimed(self, num_tasks: int) -> Way | None:
         """The first candidate that has not run its ``ROUNDS`` yet (nor been skipped); ``None``: all have."""
@@ -209,24 +236,26 @@ class ExecutionPolicy:
             if predicted is not None and predicted > 0.9 * min(limit):
                 self.timings[way.name] = {"runs": ROUNDS, "skipped": f"needs about {predicted:.0f} MiB"}
 
-    def run(self, batch: TaskBatch, device: torch.device, step: Callable[[Way], Any]) -> Any:
-        """``step(way)`` with the policy's way; while searching, timed and its memory measured.
+    def run(self, batch: TaskBatch, device: torch.device, step: Callable[[Way, int | None], Any]) -> Any:
+        """``step(way, tasks_per_backward)`` the policy's way; while searching, timed and its memory measured.
 
-        ``step`` is one meta-iteration of ``batch`` run ``way`` (e.g.
-        :func:`maml_func.step.meta_gradient` with ``way=way``).
+        ``step`` is one meta-iteration of ``batch`` run ``way`` with one
+        backward per ``tasks_per_backward`` tasks (e.g.
+        :func:`maml_func.step.meta_gradient` with ``way=way,
+        tasks_per_backward=tasks_per_backward``); see :meth:`tasks_per_backward_for`.
         """
         if self.searching:
             self._skip_what_cannot_fit(batch.num_tasks, device)
         way = self.way(batch.num_tasks)
         if not self.searching:
-            return step(way)
+            return step(way, self.tasks_per_backward_for(way, batch.num_tasks))
         if self._baseline is None:
             self._baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
         memory = PeakMemory(device, self._baseline)
         _sync(device)
         before, start = memory.start(), time.perf_counter()
         try:
-            out = step(way)
+            out = step(way, self.tasks_per_backward_for(way, batch.num_tasks))
         except (MemoryError, RuntimeError) as err:
             if way.name == "loop" or not is_out_of_memory(err):
                 raise
@@ -264,11 +293,11 @@ class ExecutionPolicy:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the mode, the choice, the timings."""
         return {"mode": self.mode, "choice": self.choice, "timings": json.loads(json.dumps(self.timings)),
-                "max_memory_mb": self.max_memory_mb}
+                "max_memory_mb": self.max_memory_mb, "tasks_per_backward": self.tasks_per_backward}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint's :meth:`state_dict`; a finished search is not run again."""
-        if state.get("mode") == self.mode and state.get("max_memory_mb") == self.max_memory_mb:
+        if all(state.get(key) == getattr(self, key) for key in ("mode", "max_memory_mb", "tasks_per_backward")):
             self.choice, self.timings = state.get("choice"), dict(state.get("timings") or {})
 
     def _cache_file(self, key: dict[str, Any]) -> Path | None:

@@ -213,7 +213,10 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Algorithm, *, lr:
         batch: this rank's share of the meta-batch, in the meta-parameters' dtype.
         algorithm: the algorithm ``state.meta`` belongs to.
         lr: the optimizer's step size for this update (see :func:`meta_lr_at`).
-        tasks_per_backward: as in :func:`meta_gradient`.
+        tasks_per_backward: as in :func:`meta_gradient`, for a state without
+            an execution policy; a policy has its own
+            (:meth:`~maml_func.execution.ExecutionPolicy.tasks_per_backward_for`),
+            and a different value here is refused.
         guard: ``None`` checks finiteness on the host now (one device sync)
             and raises before any change. A :class:`FiniteGuard` checks on the
             device without waiting: the update is applied only while every
@@ -231,15 +234,19 @@ def train_step(state: TrainState, batch: TaskBatch, algorithm: Algorithm, *, lr:
     Raises:
         NonFiniteLossError: (without ``guard``) the loss or the gradient is
             NaN/inf; ``state`` is unchanged (no optimizer step), ``checkpoint`` is ``None``.
+        ValueError: ``tasks_per_backward`` differs from the state's execution policy's.
     """
     params = algorithm.parameters(state.meta)
 
-    def one_meta_gradient(way: Way | None) -> tuple[Tensor, Metrics]:
-        return meta_gradient(algorithm, state.meta, batch, state.iteration, tasks_per_backward=tasks_per_backward,
-                             way=way)
+    def one_meta_gradient(way: Way | None, per_backward: int | None) -> tuple[Tensor, Metrics]:
+        return meta_gradient(algorithm, state.meta, batch, state.iteration, tasks_per_backward=per_backward, way=way)
 
+    if state.execution is not None and tasks_per_backward not in (None, state.execution.tasks_per_backward):
+        raise ValueError(f"train_step: tasks_per_backward={tasks_per_backward} but the state's execution policy has "
+                         f"{state.execution.tasks_per_backward}; give it to the policy "
+                         "(ExecutionPolicy(tasks_per_backward=...)) and leave it out here")
     if state.execution is None:
-        loss, metrics = one_meta_gradient(None)
+        loss, metrics = one_meta_gradient(None, tasks_per_backward)
     else:  # the policy's way of running the tasks (timing the candidates on the first iterations)
         loss, metrics = state.execution.run(batch, state.device, one_meta_gradient)
     if state.world.size > 1:  # the meta-gradient and loss of the whole meta-batch, on every rank

@@ -178,7 +178,7 @@ def _train(config: TrainConfig, saved: Checkpoint | None, me: World, device: tor
         # Across ranks each would time alone and might choose another way: they run one vmap (chunk_size) instead.
         mode = "vmap" if config.execution == "auto" and me.size > 1 else config.execution
         policy = ExecutionPolicy(mode, chunk_size=config.chunk_size, max_memory_mb=config.max_memory_mb,
-                                 cache_dir=default_cache_dir())
+                                 cache_dir=default_cache_dir(), tasks_per_backward=config.tasks_per_backward)
         state = TrainState(meta, optimizer,
                            torch.Generator(device=device).manual_seed(rank_seed(config.seed, me.rank)), world=me,
                            execution=policy)

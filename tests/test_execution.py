@@ -7,7 +7,7 @@ import torch
 from helpers import TOL, assert_same_meta, classification_batch, rel_err, tiny
 from torch import nn
 
-from maml_func import MAML, Callback, build, fit
+from maml_func import MAML, Callback, build, fit, meta_gradient
 from maml_func.batching import Way
 from maml_func.execution import ROUNDS, ExecutionPolicy, setup_key, ways
 from maml_func.reference import loop_meta_grad
@@ -25,14 +25,19 @@ def test_every_candidate_gives_the_loops_meta_gradient(name):
     batch = classification_batch(9, n_way=3, k=2, q=2, size=4)
     algorithm = build(name, model, inner_lr=0.3, inner_steps=2)
     meta = algorithm.init()
-    grads = {}
+    grads, split = {}, {}
+    policy = ExecutionPolicy("auto")
     for way in ways(batch.num_tasks):
         assert Way.parse(way.name) == way
         loss, _ = algorithm.meta_loss(meta, batch, way=way)
         grads[way.name] = torch.autograd.grad(loss, algorithm.parameters(meta))
+        # as the policy runs it: one backward per call of the way, the gradients summed
+        meta_gradient(algorithm, meta, batch, 0, way=way, tasks_per_backward=policy.tasks_per_backward_for(way, 9))
+        split[way.name] = [p.grad for p in algorithm.parameters(meta)]
     assert sorted(grads) == ["chunk=2", "chunk=4", "chunk=8", "loop", "vmap"]
-    for name_, g in grads.items():
-        assert rel_err(list(g), list(grads["loop"])) < TOL, name_
+    for name_ in grads:
+        assert rel_err(list(grads[name_]), list(grads["loop"])) < TOL, name_
+        assert rel_err(split[name_], list(grads["loop"])) < TOL, name_
     if name == "maml":
         want = loop_meta_grad(model, meta["model"], batch, inner_lr=0.3, steps=2)
         assert rel_err(list(grads["vmap"]), list(want)) < TOL
@@ -45,10 +50,10 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
     policy = ExecutionPolicy("auto")
     seen = []
 
-    def step(way):
+    def step(way, per_backward):
         seen.append(way.name)
-        loss, metrics = algorithm.meta_loss(meta, batch, way=way)
-        return loss, metrics
+        assert per_backward == {"loop": 1, "chunk=2": 2, "vmap": None}[way.name]  # one backward per call
+        return meta_gradient(algorithm, meta, batch, 0, way=way, tasks_per_backward=per_backward)
 
     candidates = [w.name for w in ways(4)]
     for _ in range(ROUNDS * len(candidates)):
@@ -63,9 +68,20 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
     resumed = ExecutionPolicy("auto")
     resumed.load_state_dict(policy.state_dict())
     assert not resumed.searching and resumed.way(4).name == policy.choice
-    other = ExecutionPolicy("auto", max_memory_mb=10.0)
-    other.load_state_dict(policy.state_dict())  # another budget: the choice does not carry over
-    assert other.searching
+    for other in ExecutionPolicy("auto", max_memory_mb=10.0), ExecutionPolicy("auto", tasks_per_backward=2):
+        other.load_state_dict(policy.state_dict())  # another budget or split: the choice does not carry over
+        assert other.searching
+
+
+def test_the_auto_policy_runs_one_backward_per_call_unless_told_otherwise():
+    auto = ExecutionPolicy("auto")
+    assert [auto.tasks_per_backward_for(w, 32) for w in ways(32)] == [1, 2, 4, 8, None]
+    told = ExecutionPolicy("auto", tasks_per_backward=3)
+    assert {told.tasks_per_backward_for(w, 32) for w in ways(32)} == {3}
+    assert ExecutionPolicy("vmap").tasks_per_backward_for(Way(4), 32) is None  # a fixed way: one backward
+    assert ExecutionPolicy("loop", tasks_per_backward=5).tasks_per_backward_for(Way(None, vectorize=False), 32) == 5
+    with pytest.raises(ValueError, match="tasks_per_backward must be a positive int or None"):
+        ExecutionPolicy("auto", tasks_per_backward=0)
 
 
 def test_the_choice_takes_least_memory_among_the_near_fastest_within_the_budget():
@@ -160,7 +176,7 @@ def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dr
                       "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": 40.0}}
     calls = []
 
-    def step(way):
+    def step(way, per_backward):
         calls.append(way.name)
         if way.chunk_size == 4:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")

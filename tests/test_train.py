@@ -21,6 +21,7 @@ from maml_func import step as step_module
 from maml_func.atomic import remove_stale_temporaries
 from maml_func.checkpoint import load_checkpoint, save_checkpoint
 from maml_func.config import TrainConfig, load_config_file, make_config
+from maml_func.execution import ExecutionPolicy
 from maml_func.loop import MetaStepFailed, TrainingInterrupted
 from maml_func.presets import PRESETS
 from maml_func.runs import evaluate_run, load_run
@@ -441,6 +442,16 @@ def test_train_step_is_meta_gradient_then_one_optimizer_step_at_the_given_lr() -
     assert_same_meta(state.meta, twin.meta)
     assert metrics["loss"] == loss.item() and metrics["query_loss"] == per_task["loss"].mean().item()
     assert metrics["accuracy"] == per_task["accuracy"].mean().item() and metrics["grad_norm"] > 0
+
+
+def test_train_step_takes_tasks_per_backward_from_its_policy_and_refuses_another() -> None:
+    algorithm, state, batch = _state_and_batch()
+    state.execution = ExecutionPolicy("loop", tasks_per_backward=2)
+    with pytest.raises(ValueError, match="tasks_per_backward=3 but the state's execution policy has 2"):
+        train_step(state, batch, algorithm, lr=0.01, tasks_per_backward=3)
+    assert state.iteration == 0
+    train_step(state, batch, algorithm, lr=0.01, tasks_per_backward=2)
+    assert state.iteration == 1
 
 
 def test_train_step_refuses_a_non_finite_update_and_leaves_the_state_as_it_was() -> None:
