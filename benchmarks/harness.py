@@ -10,7 +10,7 @@ installed library.
 - **Tasks**: :func:`random_tasks`, synthetic meta-batches of given shapes.
 - **Memory**: :func:`peak_memory` (the library's own measure, the one its
   execution policy uses) and :func:`run_json_subprocess` for a fresh process.
-- **How the tasks of a meta-batch run** (``chunk_size``, ``vectorize``):
+- **How the tasks of a meta-batch run** (``chunk_size``, ``vectorize``, ``channels_last``):
   :func:`meta_loss`, :func:`meta_gradient` and :func:`evaluate`. Every
   benchmark that chooses the way passes it through these three, and only they
   know how the library takes it (a :class:`~maml_func.batching.Way`).
@@ -186,25 +186,27 @@ def run_json_subprocess(cmd: list[str], timeout: float) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- how the tasks run
 # chunk_size: tasks per vmap call ("auto": the library's rule for the device, None: the whole meta-batch);
-# vectorize=False: a Python loop over the tasks. The same meta-gradient up to rounding every way.
+# vectorize=False: a Python loop over the tasks; channels_last=False: image tasks as they come on the CPU.
+# The same meta-gradient up to rounding every way.
 def meta_loss(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
-              chunk_size: int | str | None = "auto", vectorize: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+              chunk_size: int | str | None = "auto", vectorize: bool = True,
+              channels_last: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """``algorithm.meta_loss(meta, batch, iteration)`` with the tasks run this way."""
-    return algorithm.meta_loss(meta, batch, iteration, way=Way(chunk_size, vectorize))
+    return algorithm.meta_loss(meta, batch, iteration, way=Way(chunk_size, vectorize, channels_last))
 
 
 def meta_gradient(algorithm: Any, meta: dict[str, Any], batch: TaskBatch, iteration: int = 0, *,
-                  chunk_size: int | str | None = "auto", vectorize: bool = True,
+                  chunk_size: int | str | None = "auto", vectorize: bool = True, channels_last: bool = True,
                   tasks_per_backward: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`maml_func.meta_gradient` (fills ``.grad``) with the tasks run this way."""
     return _meta_gradient(algorithm, meta, batch, iteration, tasks_per_backward=tasks_per_backward,
-                          way=Way(chunk_size, vectorize))
+                          way=Way(chunk_size, vectorize, channels_last))
 
 
 def evaluate(algorithm: Any, meta: dict[str, Any], sampler: Any, *, chunk_size: int | str | None = "auto",
-             vectorize: bool = True, **options: Any) -> EvalResult:
+             vectorize: bool = True, channels_last: bool = True, **options: Any) -> EvalResult:
     """:func:`maml_func.evaluate` (``options``: ``num_tasks``, ``steps``, ...) with the tasks run this way."""
-    return _evaluate(algorithm, meta, sampler, way=Way(chunk_size, vectorize), **options)
+    return _evaluate(algorithm, meta, sampler, way=Way(chunk_size, vectorize, channels_last), **options)
 
 
 # ----------------------------------------------------------------------------- recipes

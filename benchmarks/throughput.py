@@ -86,6 +86,7 @@ from maml_func.models import ResNet12
 from maml_func.reference import loop_meta_loss
 
 INNER_LR = 0.4
+NCHW = "/nchw"  # the suffix of a way that keeps the tasks' layout (maml_func.batching.Way.channels_last=False)
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,14 @@ class Method:
 
     kind: str
     chunk: int | str | None = "auto"  # vmap: chunk_size ("auto" = the 1 MiB rule of maml_func.batching)
+    channels_last: bool = True  # vmap on the CPU: the tasks laid out channels-last (False: "/nchw", as they come)
 
     @property
     def label(self) -> str:
+        return self._label + ("" if self.channels_last else NCHW)
+
+    @property
+    def _label(self) -> str:
         if self.kind == "loop":
             return "loop (autograd.grad)"
         if self.kind == "lib-loop":
@@ -215,7 +221,7 @@ class Runner:
         self.maml = MAML(self.model, inner_lr=wl.inner_lr, inner_steps=wl.steps, first_order=wl.first_order)
         # How this row runs its tasks (harness.meta_loss); the policy's row chooses for itself.
         self.way: dict[str, Any] = {"chunk_size": "auto" if method.kind == "lib-loop" else method.chunk,
-                                    "vectorize": method.kind != "lib-loop"}
+                                    "vectorize": method.kind != "lib-loop", "channels_last": method.channels_last}
         # "whole": the policy told so (its tasks_per_backward = the meta-batch: one backward).
         self.policy = (ExecutionPolicy("auto", tasks_per_backward=None if self.per_call else wl.meta_batch)
                        if method.kind == "policy" else None)
@@ -241,8 +247,9 @@ class Runner:
             return "loop"
         if self.method.kind != "vmap" or self.method.chunk == "auto":
             return None
-        return "vmap" if self.method.chunk is None or self.method.chunk >= self.wl.meta_batch else \
-            f"chunk={self.method.chunk}"
+        chunk = self.method.chunk
+        name = "vmap" if chunk is None or chunk >= self.wl.meta_batch else f"chunk={chunk}"
+        return name + ("" if self.method.channels_last else NCHW)
 
     def resolved_chunk(self) -> str:
         """What ``chunk_size`` the vectorized path really used for this batch (the policy: its choice)."""
@@ -253,7 +260,7 @@ class Runner:
         chunk = self.way["chunk_size"]
         if chunk == "auto":  # resolved per batch by the library's execution policy: the row shows its choice
             chunk = auto_chunk_size(self.batches[0])
-        return "all" if chunk is None else str(chunk)
+        return ("all" if chunk is None else str(chunk)) + ("" if self.method.channels_last else NCHW)
 
     def step(self) -> None:
         batch = self.batches[self.i % len(self.batches)]
@@ -351,7 +358,7 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     wl = Workload.from_dict(spec["workload"])
-    method = Method(spec["kind"], spec["chunk"])  # kinds vmap, loop, lib-loop
+    method = Method(spec["kind"], spec["chunk"], spec.get("channels_last", True))  # kinds vmap, loop, lib-loop
     batches = make_batches(wl, 1, device, None, seed=0)
     runner = Runner(wl, method, batches, device, backward=spec.get("backward", "per-call"))
     split = spec.get("split")
@@ -371,18 +378,20 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
     return harness.peak_memory(device, iterations)
 
 
-def memory_kind(row: dict[str, Any]) -> tuple[str, int | str | None]:
-    """``(kind, chunk)`` of the memory probe of a row: the policy's row is probed as the way it chose."""
-    label, chunk = row["method"], row["chunk"]
+def memory_kind(row: dict[str, Any]) -> tuple[str, int | str | None, bool]:
+    """``(kind, chunk, channels_last)`` of the memory probe of a row: the policy's row as the way it chose."""
+    label, chunk = row["method"], str(row["chunk"])
+    channels_last = not chunk.endswith(NCHW)
+    chunk = chunk.removesuffix(NCHW)
     if label == "loop (autograd.grad)":
-        return "loop", None
+        return "loop", None, True
     if label == "loop (way=LOOP)" or chunk == "loop":
-        return "lib-loop", None
-    if label == "vmap chunk=auto":
-        return "vmap", "auto"
+        return "lib-loop", None, True
+    if label.removesuffix(NCHW) == "vmap chunk=auto":
+        return "vmap", "auto", channels_last
     if chunk in ("all", "vmap"):
-        return "vmap", None
-    return "vmap", int(str(chunk).removeprefix("chunk="))
+        return "vmap", None, channels_last
+    return "vmap", int(chunk.removeprefix("chunk=")), channels_last
 
 
 def measure_memory(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -400,7 +409,7 @@ def time_rows(runners: list[Runner], repeats: int, device: torch.device) -> list
     skipped: dict[str, str] = {}  # way -> why the policy's search skipped it (it would not fit in memory)
     for r in runners:
         entry: dict[str, Any] = {"times": [], "faults": [], "error": None}
-        if r.way_name() in skipped:  # the policy found it would not fit: running it could get the process killed
+        if skipped and r.way_name() in skipped:  # it would not fit: running it could get the process killed
             entry["error"] = f"skipped as in the policy's search: {skipped[r.way_name()]}"
             stats.append(entry)
             continue
@@ -586,7 +595,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for wi, wl in enumerate(workloads):
         sampler = make_sampler(classes, wl)
         batches = make_batches(wl, 2, device, sampler, seed=wi)
-        candidates = [Method("vmap", w.chunk_size) for w in ways(wl.meta_batch) if w.vectorize]
+        candidates = [Method("vmap", w.chunk_size, w.channels_last)
+                      for w in ways(wl.meta_batch, layouts=device.type == "cpu") if w.vectorize]
         extra = [Method("vmap", c) for c in chunks if Method("vmap", c) not in candidates]
         methods = [Method("policy"), Method("loop"), *candidates, *extra, Method("lib-loop")]
         if compile_mode == "all" or (compile_mode == "first" and wi == 0):
@@ -629,8 +639,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for row in rows:
             if row.get("error") or row["method"].startswith("compiled"):
                 continue
-            kind, chunk = memory_kind(row)
+            kind, chunk, channels_last = memory_kind(row)
             spec = {"device": str(device), "workload": row["config"], "kind": kind, "chunk": chunk,
+                    "channels_last": channels_last,
                     "malloc": args.malloc, "threads": args.threads, "backward": args.backward}
             row["memory"] = measure_memory(spec, device)
         print(f"[{time.perf_counter() - start:5.0f} s] memory of the rows probed", flush=True)

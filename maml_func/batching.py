@@ -15,7 +15,8 @@ device    ``Way()``, the default
 ========  =====================================================================
 CPU       chunks of about 1 MiB of task inputs (:func:`auto_chunk_size`);
           image inputs laid out so that the grouped convolutions run
-          channels-last (:func:`tasks_channels_last`)
+          channels-last (:func:`tasks_channels_last`; ``channels_last=False``
+          keeps them as they come, faster at 84x84)
 other     one ``vmap`` over the whole meta-batch; inputs as they come
 ========  =====================================================================
 """
@@ -49,6 +50,8 @@ TaskFn = Callable[[Any, Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
 _CPU_CHUNK_INPUT_BYTES = 2**20
 # A chunk of one task pays vmap's overhead and gains nothing from it.
 _MIN_CHUNK = 2
+# The suffix of a way's name that keeps the inputs' layout (no tasks_channels_last).
+_NCHW = "/nchw"
 
 
 def check_chunk_size(where: str, value: Any) -> int | str | None:
@@ -76,38 +79,54 @@ class Way:
             ``"auto"`` (default) asks :func:`auto_chunk_size`.
         vectorize: ``False`` runs the tasks one by one in a Python loop
             (``chunk_size`` unused).
+        channels_last: on the CPU, lay image inputs out with
+            :func:`tasks_channels_last` so that ``vmap``'s folded grouped
+            convolutions run channels-last (default: faster at Omniglot's
+            28x28); ``False`` keeps them as they come, which is faster at
+            miniImageNet's 84x84 (``benchmarks/README.md``). Unused by the
+            loop and off the CPU.
 
     Example:
-        >>> Way().name, Way(chunk_size=4).name, VMAP.name, LOOP.name
-        ('auto', 'chunk=4', 'vmap', 'loop')
-        >>> Way.parse("chunk=4") == Way(4)
-        True
+        >>> Way().name, Way(chunk_size=4).name, VMAP.name, LOOP.name, Way(4, channels_last=False).name
+        ('auto', 'chunk=4', 'vmap', 'loop', 'chunk=4/nchw')
+        >>> Way.parse("chunk=4") == Way(4), Way.parse("vmap/nchw") == Way(None, channels_last=False)
+        (True, True)
     """
 
     chunk_size: int | str | None = "auto"
     vectorize: bool = True
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         check_chunk_size("Way", self.chunk_size)
         checks.flag("Way", "vectorize", self.vectorize)
+        checks.flag("Way", "channels_last", self.channels_last)
 
     @property
     def name(self) -> str:
-        """``"loop"``, ``"vmap"``, ``"chunk=<n>"`` or ``"auto"``: what :meth:`parse` reads back."""
+        """``"loop"``, ``"vmap"``, ``"chunk=<n>"`` or ``"auto"``, ``/nchw`` added without the channels-last layout:
+        what :meth:`parse` reads back."""
         if not self.vectorize:
             return "loop"
         if self.chunk_size is None or self.chunk_size == "auto":
-            return "vmap" if self.chunk_size is None else "auto"
-        return f"chunk={self.chunk_size}"
+            name = "vmap" if self.chunk_size is None else "auto"
+        else:
+            name = f"chunk={self.chunk_size}"
+        return name if self.channels_last else name + _NCHW
 
     @classmethod
     def parse(cls, name: str) -> Way:
         """The way called ``name`` (:attr:`name`'s form)."""
-        if name in ("loop", "vmap", "auto"):
-            return {"loop": LOOP, "vmap": VMAP, "auto": cls()}[name]
-        if not name.startswith("chunk="):
-            raise ValueError(f"Way.parse: unknown way {name!r}; use 'loop', 'vmap', 'auto' or 'chunk=<tasks>'")
-        return cls(int(name.removeprefix("chunk=")))
+        base = name.removesuffix(_NCHW)
+        layout = {"channels_last": base == name}
+        if base in ("vmap", "auto"):
+            return cls(None if base == "vmap" else "auto", **layout)
+        if name == "loop":
+            return LOOP
+        if not base.startswith("chunk=") or not base.removeprefix("chunk=").isdigit():
+            raise ValueError(f"Way.parse: unknown way {name!r}; use 'loop', 'vmap', 'auto' or 'chunk=<tasks>', "
+                             f"the last three with '{_NCHW}' to keep the inputs' layout")
+        return cls(int(base.removeprefix("chunk=")), **layout)
 
     def tasks_per_call(self, num_tasks: int) -> int:
         """How many of ``num_tasks`` tasks one call of the per-task function batches (1 for the loop; ``"auto"``
@@ -239,7 +258,7 @@ def map_tasks(
         if not way.vectorize:
             return stack_metrics([fn(meta, *task) for task in zip(*batch)])
         chunk = auto_chunk_size(batch) if way.chunk_size == "auto" else way.chunk_size
-        if batch.x_support.device.type == "cpu":
+        if batch.x_support.device.type == "cpu" and way.channels_last:
             # vmap folds the tasks into the convolutions' channels: this layout makes that fold channels-last.
             batch = TaskBatch(*(tasks_channels_last(t) for t in batch))
         meta, meta_dims = _per_task_buffers(meta, batch.num_tasks)

@@ -12,7 +12,10 @@ a run, which are real training iterations (their gradients are applied), and
 keeps the fastest for the rest of the run:
 
 - candidates, from the least memory to the most: the loop, chunks of 2, 4 and
-  8 tasks (those below the meta-batch), one ``vmap``; each runs ``ROUNDS``
+  8 tasks (those below the meta-batch), one ``vmap``; for image tasks on the
+  CPU each vectorized one twice, with and without the channels-last layout of
+  the tasks (``Way.channels_last``: it wins at 28x28 and loses at 84x84,
+  ``benchmarks/README.md``); each runs ``ROUNDS``
   iterations, the fastest after the first counts (the first pays one-off
   costs, and a shared machine's hiccups only ever slow a run down). A
   chunk's temporaries grow with its size, so from the loop's and the first
@@ -78,10 +81,22 @@ _TIE = 0.03
 _CHUNKS = (2, 4, 8)
 
 
-def ways(num_tasks: int) -> list[Way]:
-    """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one vmap."""
-    chunks = [Way(c) for c in _CHUNKS if c < num_tasks]
-    return [LOOP, *chunks, VMAP] if num_tasks > 1 else [VMAP]
+def ways(num_tasks: int, layouts: bool = False) -> list[Way]:
+    """The candidates for ``num_tasks`` tasks, least memory first: the loop, chunks of 2, 4, 8 below it, one vmap.
+
+    ``layouts``: each vectorized candidate also without the channels-last
+    layout of the tasks (``/nchw``), right after it: for image tasks on the
+    CPU, where which layout is faster depends on the image size.
+    """
+    vectorized = [Way(c) for c in _CHUNKS if c < num_tasks] + [VMAP]
+    if layouts:
+        vectorized = [w for way in vectorized for w in (way, dataclasses.replace(way, channels_last=False))]
+    return [LOOP, *vectorized] if num_tasks > 1 else vectorized
+
+
+def _layouts_matter(batch: TaskBatch) -> bool:
+    """Whether the channels-last layout applies to ``batch``: image tasks (``[T, B, C, H, W]``) on the CPU."""
+    return batch.x_support.device.type == "cpu" and batch.x_support.dim() == 5 and batch.x_support.is_floating_point()
 
 
 def _available_mb(device: torch.device) -> float | None:
@@ -184,6 +199,7 @@ class ExecutionPolicy:
         self.timings: dict[str, dict[str, Any]] = {}  # way -> {"runs": n, "seconds": s, "memory_mb": m}
         self.from_cache = False
         self._baseline: int | None = None  # the resident set before the search (CPU)
+        self._layouts = False  # whether the candidates include both layouts (image tasks on the CPU)
 
     # ------------------------------------------------------------ the choice
     @property
@@ -212,15 +228,19 @@ class ExecutionPolicy:
 
     def _untimed(self, num_tasks: int) -> Way | None:
         """The first candidate that has not run its ``ROUNDS`` yet (nor been skipped); ``None``: all have."""
-        return next((w for w in ways(num_tasks) if self.timings.get(w.name, {}).get("runs", 0) < ROUNDS), None)
+        return next((w for w in ways(num_tasks, self._layouts)
+                     if self.timings.get(w.name, {}).get("runs", 0) < ROUNDS), None)
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
         """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two smallest."""
-        measured = [(Way.parse(n).tasks_per_call(num_tasks), t["memory_mb"]) for n, t in self.timings.items()
-                    if t.get("memory_mb") is not None and "seconds" in t]
-        if len(measured) < 2:
+        most: dict[int, float] = {}  # tasks per call -> the most memory measured at it (either layout)
+        for name, t in self.timings.items():
+            if t.get("memory_mb") is not None and "seconds" in t:
+                n = Way.parse(name).tasks_per_call(num_tasks)
+                most[n] = max(most.get(n, 0.0), t["memory_mb"])
+        if len(most) < 2:
             return None
-        (n0, m0), (n1, m1) = sorted(measured)[:2]
+        (n0, m0), (n1, m1) = sorted(most.items())[:2]
         slope = max(m1 - m0, 0.0) / max(n1 - n0, 1)
         return m1 + slope * (way.tasks_per_call(num_tasks) - n1)
 
@@ -229,7 +249,7 @@ class ExecutionPolicy:
         limit = [m for m in (self.max_memory_mb, _available_mb(device)) if m is not None]
         if not limit:
             return
-        for way in ways(num_tasks):
+        for way in ways(num_tasks, self._layouts):
             if self.timings.get(way.name, {}).get("runs", 0):
                 continue
             predicted = self._predicted_mb(way, num_tasks)
@@ -245,6 +265,7 @@ class ExecutionPolicy:
         tasks_per_backward=tasks_per_backward``); see :meth:`tasks_per_backward_for`.
         """
         if self.searching:
+            self._layouts = _layouts_matter(batch)
             self._skip_what_cannot_fit(batch.num_tasks, device)
         way = self.way(batch.num_tasks)
         if not self.searching:

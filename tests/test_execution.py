@@ -27,14 +27,15 @@ def test_every_candidate_gives_the_loops_meta_gradient(name):
     meta = algorithm.init()
     grads, split = {}, {}
     policy = ExecutionPolicy("auto")
-    for way in ways(batch.num_tasks):
+    for way in ways(batch.num_tasks, layouts=True):
         assert Way.parse(way.name) == way
         loss, _ = algorithm.meta_loss(meta, batch, way=way)
         grads[way.name] = torch.autograd.grad(loss, algorithm.parameters(meta))
         # as the policy runs it: one backward per call of the way, the gradients summed
         meta_gradient(algorithm, meta, batch, 0, way=way, tasks_per_backward=policy.tasks_per_backward_for(way, 9))
         split[way.name] = [p.grad for p in algorithm.parameters(meta)]
-    assert sorted(grads) == ["chunk=2", "chunk=4", "chunk=8", "loop", "vmap"]
+    assert sorted(grads) == ["chunk=2", "chunk=2/nchw", "chunk=4", "chunk=4/nchw", "chunk=8", "chunk=8/nchw",
+                             "loop", "vmap", "vmap/nchw"]
     for name_ in grads:
         assert rel_err(list(grads[name_]), list(grads["loop"])) < TOL, name_
         assert rel_err(split[name_], list(grads["loop"])) < TOL, name_
@@ -52,10 +53,11 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
 
     def step(way, per_backward):
         seen.append(way.name)
-        assert per_backward == {"loop": 1, "chunk=2": 2, "vmap": None}[way.name]  # one backward per call
+        assert per_backward == {"loop": 1, "chunk=2": 2, "vmap": None}[way.name.removesuffix("/nchw")]  # per call
         return meta_gradient(algorithm, meta, batch, 0, way=way, tasks_per_backward=per_backward)
 
-    candidates = [w.name for w in ways(4)]
+    candidates = [w.name for w in ways(4, layouts=True)]  # image tasks on the CPU: both layouts
+    assert candidates == ["loop", "chunk=2", "chunk=2/nchw", "vmap", "vmap/nchw"]
     for _ in range(ROUNDS * len(candidates)):
         assert policy.searching
         policy.run(batch, torch.device("cpu"), step)
@@ -76,6 +78,7 @@ def test_the_search_times_each_candidate_then_keeps_the_fastest_and_its_state_ro
 def test_the_auto_policy_runs_one_backward_per_call_unless_told_otherwise():
     auto = ExecutionPolicy("auto")
     assert [auto.tasks_per_backward_for(w, 32) for w in ways(32)] == [1, 2, 4, 8, None]
+    assert [auto.tasks_per_backward_for(w, 32) for w in ways(32, layouts=True)] == [1, 2, 2, 4, 4, 8, 8, None, None]
     told = ExecutionPolicy("auto", tasks_per_backward=3)
     assert {told.tasks_per_backward_for(w, 32) for w in ways(32)} == {3}
     assert ExecutionPolicy("vmap").tasks_per_backward_for(Way(4), 32) is None  # a fixed way: one backward
@@ -131,14 +134,15 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
     both choose chunk=2 here (what is tested is that a resumed run keeps its checkpoint's choice).
     """
     monkeypatch.setattr(ExecutionPolicy, "_choose", lambda self: "chunk=2")
-    searched = len(ways(4)) * ROUNDS
+    searched = len(ways(4, layouts=True)) * ROUNDS  # image tasks on the CPU: both layouts
     config = tiny(glyphs, tmp_path / "a", iterations=searched + 2, execution="auto")
     logged = LogKinds()
     whole = fit(config, progress=False, callbacks=[logged])
     records = [r for r in whole.history if r["kind"] == "execution"]
     assert len(records) == 1 and records[0]["iteration"] == searched and not records[0]["cached"]
     assert logged.kinds.count("execution") == 1  # the callbacks see it too
-    assert set(records[0]["timings"]) == {"vmap", "chunk=2", "loop"} and records[0]["choice"] in records[0]["timings"]
+    timings = records[0]["timings"]
+    assert set(timings) == {"vmap", "vmap/nchw", "chunk=2", "chunk=2/nchw", "loop"} and records[0]["choice"] in timings
     fit(config.replace(save_to=str(tmp_path / "b"), iterations=searched + 1), progress=False)
     seen = []
     original = ExecutionPolicy.run
@@ -159,7 +163,7 @@ def test_fit_searches_once_logs_the_choice_and_a_resume_keeps_it_bit_for_bit(gly
 @pytest.mark.slow
 def test_a_second_run_of_the_same_setup_reads_the_cached_choice(glyphs, tmp_path, monkeypatch):
     monkeypatch.setenv("MAML_FUNC_CACHE_DIR", str(tmp_path / "cache"))
-    searched = len(ways(4)) * ROUNDS
+    searched = len(ways(4, layouts=True)) * ROUNDS
     first = fit(tiny(glyphs, tmp_path / "a", iterations=searched, val_every=0, execution="auto"), progress=False)
     second = fit(tiny(glyphs, tmp_path / "b", iterations=2, val_every=0, execution="auto"), progress=False)
     (a,) = [r for r in first.history if r["kind"] == "execution"]
@@ -173,22 +177,26 @@ def test_a_candidate_predicted_not_to_fit_is_skipped_and_one_out_of_memory_is_dr
     meta = algorithm.init()
     policy = ExecutionPolicy("auto", max_memory_mb=100.0)
     policy.timings = {"loop": {"runs": ROUNDS, "seconds": 1.0, "memory_mb": 10.0},
+                      "chunk=2/nchw": {"runs": ROUNDS, "seconds": 0.9, "memory_mb": 35.0},
                       "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": 40.0}}
     calls = []
 
     def step(way, per_backward):
         calls.append(way.name)
-        if way.chunk_size == 4:
+        if way.name == "chunk=4":
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
         return algorithm.meta_loss(meta, batch, way=way)[0]
 
-    # chunk=4 is predicted at 40 + 30 * 2 = 100 MiB: under 0.9 * 100? no: skipped; so are chunk=8 and vmap.
+    # chunk=4 is predicted at 40 + 30 * 2 = 100 MiB (the most measured at 2 tasks per call, either layout):
+    # under 0.9 * 100? no: skipped, in both layouts; so are chunk=8 and vmap.
     policy.run(batch, torch.device("cpu"), step)
     assert policy.choice == "chunk=2" and calls == ["chunk=2"]
     assert policy.timings["chunk=4"]["skipped"].startswith("needs about") and "vmap skipped" in policy.summary()
     roomy = ExecutionPolicy("auto")
     roomy.timings = {"loop": {"runs": ROUNDS, "seconds": 1.0, "memory_mb": None},
-                     "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": None}}
+                     "chunk=2": {"runs": ROUNDS, "seconds": 0.8, "memory_mb": None},
+                     "chunk=2/nchw": {"runs": ROUNDS, "seconds": 0.9, "memory_mb": None}}
     calls.clear()
-    roomy.run(batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=8 runs instead
-    assert calls == ["chunk=4", "chunk=8"] and roomy.timings["chunk=4"] == {"runs": ROUNDS, "skipped": "out of memory"}
+    roomy.run(batch, torch.device("cpu"), step)  # chunk=4 runs out of memory: chunk=4/nchw runs instead
+    assert calls == ["chunk=4", "chunk=4/nchw"]
+    assert roomy.timings["chunk=4"] == {"runs": ROUNDS, "skipped": "out of memory"}

@@ -135,12 +135,13 @@ def test_smoke_run_table_and_json(bench, tmp_path, capsys):
 
     rows = [r for r in lines if r["kind"] == "row"]
     by_method = {r["method"]: r for r in rows}
-    assert set(by_method) == {"policy (default)", "loop (autograd.grad)", "vmap chunk=all", "vmap chunk=4",
-                              "loop (way=LOOP)"}
+    assert set(by_method) == {"policy (default)", "loop (autograd.grad)", "vmap chunk=all", "vmap chunk=all/nchw",
+                              "vmap chunk=4", "loop (way=LOOP)"}
     policy = by_method["policy (default)"]
-    assert policy["chunk"] == policy["choice"] and set(policy["search"]) == {"vmap", "loop"}  # T = 2: no chunks
+    # T = 2: no chunks; image tasks on the CPU: both layouts
+    assert policy["chunk"] == policy["choice"] and set(policy["search"]) == {"vmap", "vmap/nchw", "loop"}
     assert policy["vs_best_candidate"] > 0 and policy["search_cost_pct"] >= 0
-    assert policy["best_candidate"] in ("vmap chunk=all", "vmap chunk=4", "loop (way=LOOP)")
+    assert policy["best_candidate"] in ("vmap chunk=all", "vmap chunk=all/nchw", "vmap chunk=4", "loop (way=LOOP)")
     assert by_method["loop (autograd.grad)"]["speedup_vs_loop"] == 1.0
     flops = {r["gflop"] for r in rows}
     assert len(flops) == 1 and flops.pop() > 0  # one count of the maths, shared by every row
