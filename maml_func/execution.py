@@ -16,10 +16,12 @@ keeps the fastest for the rest of the run:
   CPU each vectorized one twice, with and without the channels-last layout of
   the tasks (``Way.channels_last``: it wins at 28x28 and loses at 84x84,
   ``benchmarks/README.md``); each runs ``ROUNDS``
-  iterations, the fastest after the first counts (the first pays one-off
-  costs, and a shared machine's hiccups only ever slow a run down). A
-  chunk's temporaries grow with its size, so from the loop's and the first
-  chunk's memory the policy predicts the next one's and skips a candidate
+  iterations, in rounds of every candidate once (so a slow minute of a
+  shared machine hits every candidate alike), the fastest after the first
+  counts (the first pays one-off costs, and a shared machine's hiccups only
+  ever slow a run down). A chunk's memory grows with its size, so from the
+  two largest ways measured so far the policy predicts the next one's and
+  skips a candidate
   that would not fit (in the memory the system has available, or in
   ``max_memory_mb``); one that runs out of memory all the same is dropped and
   the iteration re-run the way chosen so far;
@@ -227,20 +229,24 @@ class ExecutionPolicy:
         return None if per_call >= num_tasks else per_call
 
     def _untimed(self, num_tasks: int) -> Way | None:
-        """The first candidate that has not run its ``ROUNDS`` yet (nor been skipped); ``None``: all have."""
-        return next((w for w in ways(num_tasks, self._layouts)
-                     if self.timings.get(w.name, {}).get("runs", 0) < ROUNDS), None)
+        """The next candidate to run: the first of those that have run least, in rounds of every candidate once
+        (so a slow minute of a shared machine hits every candidate alike); ``None``: all ran ``ROUNDS`` (or were
+        skipped)."""
+        runs = {w: self.timings.get(w.name, {}).get("runs", 0) for w in ways(num_tasks, self._layouts)}
+        left = [w for w, n in runs.items() if n < ROUNDS]
+        return min(left, key=lambda w: runs[w]) if left else None
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
-        """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two smallest."""
+        """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two largest
+        measured (the nearest to it: a chunk's memory grows a little faster than linearly)."""
         most: dict[int, float] = {}  # tasks per call -> the most memory measured at it (either layout)
         for name, t in self.timings.items():
-            if t.get("memory_mb") is not None and "seconds" in t:
+            if t.get("memory_mb") is not None:
                 n = Way.parse(name).tasks_per_call(num_tasks)
                 most[n] = max(most.get(n, 0.0), t["memory_mb"])
         if len(most) < 2:
             return None
-        (n0, m0), (n1, m1) = sorted(most.items())[:2]
+        (n0, m0), (n1, m1) = sorted(most.items())[-2:]
         slope = max(m1 - m0, 0.0) / max(n1 - n0, 1)
         return m1 + slope * (way.tasks_per_call(num_tasks) - n1)
 
@@ -286,10 +292,10 @@ class ExecutionPolicy:
         seconds, rise = time.perf_counter() - start, memory.rise(before)
         entry = self.timings.setdefault(way.name, {"runs": 0})
         entry["runs"] += 1
-        if entry["runs"] > 1:  # the first run of a way pays its one-off costs: not counted
+        if entry["runs"] > 1:  # the first run of a way pays its one-off costs: its time is not counted
             entry["seconds"] = min(seconds, entry.get("seconds", math.inf))
-            mb = None if rise is None else round(rise / 2**20, 1)
-            entry["memory_mb"] = mb if entry.get("memory_mb") is None or mb is None else max(mb, entry["memory_mb"])
+        mb = None if rise is None else round(rise / 2**20, 1)  # memory: the most of any run, the first included
+        entry["memory_mb"] = mb if entry.get("memory_mb") is None or mb is None else max(mb, entry["memory_mb"])
         if self._untimed(batch.num_tasks) is None:
             self.choice = self._choose()
         return out
