@@ -510,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=("none", "first", "all"), default=None,
                    help="torch.compile row for no workload, the first, or all (default: first on CUDA, none on "
                         "the CPU, where compiling takes minutes)")
-    p.add_argument("--memory", choices=("none", "rows", "all"), default=None,
-                   help="peak memory of the rows, and the chunk_size curve (default all; quick rows)")
+    p.add_argument("--memory", choices=("none", "policy", "rows", "all"), default=None,
+                   help="peak memory of the policy's and the loop's rows only, of every row, or of every row and "
+                        "the chunk_size curve (default all; quick rows)")
     p.add_argument("--curve-chunks", type=parse_chunks, default=None,
                    help="chunk_size points of the memory curve (default 1,2,4,8,16,32)")
     p.add_argument("--split-chunks", type=parse_chunks, default=None,
@@ -638,6 +639,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if memory_mode != "none":
         for row in rows:
             if row.get("error") or row["method"].startswith("compiled"):
+                continue
+            if memory_mode == "policy" and row["method"] not in ("policy (default)", "loop (autograd.grad)"):
                 continue
             kind, chunk, channels_last = memory_kind(row)
             spec = {"device": str(device), "workload": row["config"], "kind": kind, "chunk": chunk,

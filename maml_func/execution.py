@@ -16,12 +16,13 @@ keeps the fastest for the rest of the run:
   CPU each vectorized one twice, with and without the channels-last layout of
   the tasks (``Way.channels_last``: it wins at 28x28 and loses at 84x84,
   ``benchmarks/README.md``); each runs ``ROUNDS``
-  iterations, in rounds of every candidate once (so a slow minute of a
-  shared machine hits every candidate alike), the fastest after the first
-  counts (the first pays one-off costs, and a shared machine's hiccups only
-  ever slow a run down). A chunk's memory grows with its size, so from the
-  two largest ways measured so far the policy predicts the next one's and
-  skips a candidate
+  iterations: two in a row, least memory first (a warm-up, then the run
+  whose memory counts), then the last round of every candidate once (so a
+  slow minute of a shared machine hits every candidate alike); the fastest
+  after the first counts (the first pays one-off costs, and a shared
+  machine's hiccups only ever slow a run down). A chunk's memory grows with
+  its size, so from the two largest ways measured so far the policy predicts
+  the next one's and skips a candidate
   that would not fit (in the memory the system has available, or in
   ``max_memory_mb``); one that runs out of memory all the same is dropped and
   the iteration re-run the way chosen so far;
@@ -229,12 +230,17 @@ class ExecutionPolicy:
         return None if per_call >= num_tasks else per_call
 
     def _untimed(self, num_tasks: int) -> Way | None:
-        """The next candidate to run: the first of those that have run least, in rounds of every candidate once
-        (so a slow minute of a shared machine hits every candidate alike); ``None``: all ran ``ROUNDS`` (or were
-        skipped)."""
+        """The next candidate to run; ``None``: all ran ``ROUNDS`` times (or were skipped).
+
+        Least memory first, each twice in a row (its warm-up, then the run
+        whose memory counts: measured before any bigger way has raised the
+        process's high-water mark); then the remaining rounds, every candidate
+        once per round (so a slow minute of a shared machine hits all alike).
+        """
         runs = {w: self.timings.get(w.name, {}).get("runs", 0) for w in ways(num_tasks, self._layouts)}
         left = [w for w, n in runs.items() if n < ROUNDS]
-        return min(left, key=lambda w: runs[w]) if left else None
+        warming = [w for w in left if runs[w] < 2]
+        return warming[0] if warming else min(left, key=lambda w: runs[w]) if left else None
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
         """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two largest
@@ -294,8 +300,8 @@ class ExecutionPolicy:
         entry["runs"] += 1
         if entry["runs"] > 1:  # the first run of a way pays its one-off costs: its time is not counted
             entry["seconds"] = min(seconds, entry.get("seconds", math.inf))
-        mb = None if rise is None else round(rise / 2**20, 1)  # memory: the most of any run, the first included
-        entry["memory_mb"] = mb if entry.get("memory_mb") is None or mb is None else max(mb, entry["memory_mb"])
+        if entry["runs"] == 2:  # memory: the run after the warm-up, before any bigger way ran (see _untimed)
+            entry["memory_mb"] = None if rise is None else round(rise / 2**20, 1)
         if self._untimed(batch.num_tasks) is None:
             self.choice = self._choose()
         return out
