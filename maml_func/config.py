@@ -185,12 +185,15 @@ class TrainConfig:
                                           check=_chunk_size, metavar="T|none|auto")
     tasks_per_backward: int | None = option(None, "one backward per this many tasks, gradients summed: peak "
                                             "memory grows with it, not with the meta-batch; the same "
-                                            "meta-gradient up to rounding (none: one backward)",
+                                            "meta-gradient up to rounding (none: with execution auto one backward "
+                                            "per call of the chosen way, per task of the loop or per chunk; "
+                                            "otherwise one backward)",
                                             group="Algorithm", resumable=True, metavar="N|none",
                                             check=at_least(1, "; or None (one backward over the meta-batch)",
                                                        none_ok=True))
     execution: str = option("auto", "how the tasks of a meta-batch run: auto (time one vmap, chunks of 2/4/8 and the "
-                            "loop on the first iterations, keep the fastest), vmap (chunk_size applies) or loop",
+                            "loop, on the CPU in both memory layouts, on the first iterations, keep the fastest), "
+                            "vmap (chunk_size applies) or loop",
                             group="Algorithm", check=one_of(EXECUTIONS), resumable=True,
                             metavar="|".join(EXECUTIONS))
     max_memory_mb: float | None = option(None, "with execution auto: never choose a way whose memory rises by "
