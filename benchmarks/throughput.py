@@ -69,7 +69,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +80,14 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from maml_func import MAML, Conv4, TaskBatch, meta_gradient
-from maml_func.batching import auto_chunk_size
+from maml_func.batching import LOOP, Way, auto_chunk_size
 from maml_func.execution import ROUNDS, ExecutionPolicy, ways
 from maml_func.models import ResNet12
 from maml_func.reference import loop_meta_loss
 
 INNER_LR = 0.4
 NCHW = "/nchw"  # the suffix of a way that keeps the tasks' layout (maml_func.batching.Way.channels_last=False)
+PER_CALL = ExecutionPolicy("auto")  # its tasks_per_backward_for: one backward per call of a way, as fit runs
 
 
 @dataclass(frozen=True)
@@ -242,14 +243,14 @@ class Runner:
         self.loss_fn = loss_fn
 
     def way_name(self) -> str | None:
-        """The execution policy's name of this row's way (``loop``, ``chunk=4``, ``vmap``); ``None``: not one."""
+        """The execution policy's name of this row's way (``loop``, ``chunk=4``, ``vmap/nchw``); ``None``: not one."""
         if self.method.kind == "lib-loop":
-            return "loop"
+            return LOOP.name
         if self.method.kind != "vmap" or self.method.chunk == "auto":
             return None
         chunk = self.method.chunk
-        name = "vmap" if chunk is None or chunk >= self.wl.meta_batch else f"chunk={chunk}"
-        return name + ("" if self.method.channels_last else NCHW)
+        whole = chunk is None or chunk >= self.wl.meta_batch  # the policy calls a chunk of all T tasks "vmap"
+        return Way(None if whole else chunk, channels_last=self.method.channels_last).name
 
     def resolved_chunk(self) -> str:
         """What ``chunk_size`` the vectorized path really used for this batch (the policy: its choice)."""
@@ -274,11 +275,12 @@ class Runner:
         elif self.method.kind == "loop":  # as learn2learn's examples do: each task's loss differentiated alone
             for task in batch.split(1):
                 (self.loss_fn(task) / batch.num_tasks).backward()
-        else:  # one backward per call of the way: per task of the loop, per chunk
-            chunk = self.way["chunk_size"]
-            chunk = auto_chunk_size(batch) if chunk == "auto" else chunk
-            per_call = 1 if not self.way["vectorize"] else chunk
-            harness.meta_gradient(self.maml, self.meta, batch, 0, tasks_per_backward=per_call, **self.way)
+        else:  # one backward per call of the way (per task of the loop, per chunk), by the policy's own rule
+            way = Way(**self.way)
+            if way.chunk_size == "auto":
+                way = replace(way, chunk_size=auto_chunk_size(batch))
+            per_backward = PER_CALL.tasks_per_backward_for(way, batch.num_tasks)
+            harness.meta_gradient(self.maml, self.meta, batch, 0, tasks_per_backward=per_backward, **self.way)
         self.opt.step()
 
     def search(self) -> dict[str, Any]:
