@@ -239,8 +239,10 @@ class ExecutionPolicy:
         """
         runs = {w: self.timings.get(w.name, {}).get("runs", 0) for w in ways(num_tasks, self._layouts)}
         left = [w for w, n in runs.items() if n < ROUNDS]
+        if not left:
+            return None
         warming = [w for w in left if runs[w] < 2]
-        return warming[0] if warming else min(left, key=lambda w: runs[w]) if left else None
+        return warming[0] if warming else min(left, key=lambda w: runs[w])
 
     def _predicted_mb(self, way: Way, num_tasks: int) -> float | None:
         """The memory rise ``way`` would need, extrapolated linearly in tasks per call from the two largest
